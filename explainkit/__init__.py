@@ -1,0 +1,45 @@
+"""explainkit: which parts of an image drive a classifier's score.
+
+Example:
+    >>> import explainkit
+    >>> model = explainkit.load_model("models/resnet18-cifar10/model.pt")
+    >>> cam = explainkit.get_explainer("gradcam", model, layer="layer4")
+    >>> maps = cam(images)                      # (N, H, W) in [0, 1]
+    >>> per_class = cam(images, targets="all")  # (N, K, H, W)
+"""
+
+from explainkit.card import ModelCard
+from explainkit.errors import (
+    CheckpointError,
+    DataError,
+    DuplicateExplainerError,
+    ExplainkitError,
+    ImageReadError,
+    LayerNotFoundError,
+    UnknownExplainerError,
+)
+from explainkit.hookspecs import hookimpl
+from explainkit.models import build_model, load_model, save_model
+from explainkit.plugins import plugin_manager
+from explainkit.registry import get_explainer, list_explainers
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CheckpointError",
+    "DataError",
+    "DuplicateExplainerError",
+    "ExplainkitError",
+    "ImageReadError",
+    "LayerNotFoundError",
+    "ModelCard",
+    "UnknownExplainerError",
+    "build_model",
+    "get_explainer",
+    "hookimpl",
+    "list_explainers",
+    "load_model",
+    "plugin_manager",
+    "save_model",
+    "__version__",
+]

@@ -1,0 +1,133 @@
+"""``python -m explainkit``: the command line. Each subcommand parses flags and calls the library.
+
+User errors (:class:`~explainkit.errors.ExplainkitError`) print one line and exit with 2;
+``EXPLAINKIT_DEBUG=1`` shows tracebacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+from explainkit.device import DEVICE_CHOICES
+from explainkit.errors import ExplainkitError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error on one line (exit 2) instead of usage + error."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def _add_model_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", help="model weights (.pt/.safetensors) with a .json card beside; default: newest under the model store")
+    parser.add_argument("--models-dir", help="model store (default $EXPLAINKIT_MODELS_DIR or ./models)")
+    parser.add_argument("--data-dir", help="ImageFolder tree with train/ and test/ (default $EXPLAINKIT_DATA_DIR, else CIFAR-10 download)")
+    parser.add_argument("--batch-size", type=_positive_int, default=128)
+    parser.add_argument("--device", choices=DEVICE_CHOICES, default="auto")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="explainkit", description="Which parts of an image drive a classifier's score.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    explain = sub.add_parser("explain", help="per-class and misclassified CAM grids")
+    explain.add_argument("--method", "--methods", dest="methods", default="gradcam", help="NAME[,NAME...] (see `explainkit methods`)")
+    explain.add_argument("--layer", help="dotted submodule path, e.g. layer4 or layer3.1 (default: the model's last stage)")
+    explain.add_argument("--image", nargs="+", metavar="PATH", help="explain these image files instead of the test split")
+    explain.add_argument("--out", default="outputs", help="output directory (default: outputs/)")
+    explain.add_argument("--samples", type=_non_negative_int, default=3, help="images in per_class.png (default 3)")
+    explain.add_argument("--misclassified", type=_non_negative_int, default=10, help="rows in misclassified.png (default 10)")
+    explain.add_argument("--limit", type=_positive_int, help="test images scanned, evenly spaced over the split (default: all)")
+    explain.add_argument("--save-maps", action="store_true", help="also write maps and probabilities to maps.npz")
+    _add_model_flags(explain)
+
+    methods = sub.add_parser("methods", help="list registered explainers and the plugin of each")
+    methods.add_argument("--json", action="store_true", help="machine-readable output")
+    sub.add_parser("plugins", help="list loaded plugins as JSON")
+    return parser
+
+
+def _cmd_methods(args: argparse.Namespace) -> int:
+    from explainkit.plugins import plugin_distribution
+    from explainkit.registry import registrations
+
+    rows = [
+        {"name": r.name, "plugin": r.plugin, "distribution": " ".join(plugin_distribution(r.plugin)).strip()}
+        for r in sorted(registrations().values(), key=lambda r: r.name)
+    ]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    width = max(len(r["name"]) for r in rows) if rows else 4
+    for row in rows:
+        print(f"{row['name']:<{width}}  {row['plugin']}  ({row['distribution']})")
+    return 0
+
+
+def _cmd_plugins(args: argparse.Namespace) -> int:
+    from explainkit.plugins import describe_plugins
+
+    print(json.dumps(describe_plugins(), indent=2))
+    return 0
+
+
+def _cmd_explain(args: argparse.Namespace) -> int:
+    from explainkit.commands.explain import run_explain
+
+    return run_explain(args)
+
+
+COMMANDS = {"explain": _cmd_explain, "methods": _cmd_methods, "plugins": _cmd_plugins}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    debug = bool(os.environ.get("EXPLAINKIT_DEBUG"))
+    if not debug:
+        warnings.filterwarnings("ignore", category=UserWarning)
+    try:
+        return COMMANDS[args.command](args)
+    except ExplainkitError as exc:
+        if debug:
+            raise
+        print(f"explainkit {args.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"explainkit {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug: still one line, with a way to see more
+        if debug:
+            raise
+        print(
+            f"explainkit {args.command}: internal error: {type(exc).__name__}: {exc} "
+            "(rerun with EXPLAINKIT_DEBUG=1 for the traceback, and please report it)",
+            file=sys.stderr,
+        )
+        return 1

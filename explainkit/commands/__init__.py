@@ -1,0 +1,1 @@
+"""One module per CLI command: turn parsed flags into library calls, validating all input first."""

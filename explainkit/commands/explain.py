@@ -1,0 +1,68 @@
+"""``explainkit explain``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from explainkit.data import load_split
+from explainkit.device import select_device
+from explainkit.errors import ExplainkitError
+from explainkit.explain import explain_dataset, explain_images
+from explainkit.images import read_image
+from explainkit.io import ensure_writable_dir
+from explainkit.models import load_model, require_model_path
+from explainkit.registry import get_explainer
+
+
+def parse_methods(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise ExplainkitError("--method needs at least one explainer name")
+    return list(dict.fromkeys(names))  # de-duplicate, keep order
+
+
+def run_explain(args: argparse.Namespace) -> int:
+    # Everything that can be wrong is checked before anything is written.
+    methods = parse_methods(args.methods)
+    device = select_device(args.device)
+    checkpoint = require_model_path(args.checkpoint, args.models_dir)
+    model = load_model(checkpoint, map_location=device)
+    card = model.card
+    explainers = {name: get_explainer(name, model, layer=args.layer) for name in methods}
+    meta = {"model": str(checkpoint), "architecture": card.architecture, "device": str(device)}
+
+    if args.image:
+        images = torch.stack([torch.from_numpy(read_image(p, card.image_size)) for p in args.image])
+        batch = card.normalize(images.permute(0, 3, 1, 2).float().div(255))
+        out = ensure_writable_dir(args.out)
+        result = explain_images(model, card, explainers, batch, args.image, out, device, save_maps=args.save_maps, meta=meta)
+    else:
+        dataset = load_split("test", card, args.data_dir)
+        out = ensure_writable_dir(args.out)
+        result = explain_dataset(
+            model,
+            card,
+            explainers,
+            dataset,
+            out,
+            device,
+            samples=args.samples,
+            misclassified=args.misclassified,
+            limit=args.limit,
+            batch_size=args.batch_size,
+            save_maps=args.save_maps,
+            meta=meta,
+        )
+    summary = result.summary
+    if "accuracy" in summary and summary["accuracy"] is not None:
+        print(
+            f"{summary['images']} test images: accuracy {100 * summary['accuracy']:.2f}%, "
+            f"{summary['misclassified']} misclassified",
+            file=sys.stderr,
+        )
+    for path in result.outputs:
+        print(path)
+    return 0

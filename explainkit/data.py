@@ -1,0 +1,95 @@
+"""Datasets: CIFAR-10 through torchvision (downloaded once into a cache), or any ImageFolder
+tree with ``train/`` and ``test/`` splits (``--data-dir``, ``$EXPLAINKIT_DATA_DIR``)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+from torchvision import datasets, transforms
+
+from explainkit.card import CIFAR10_CLASSES, ModelCard
+from explainkit.errors import DataError
+
+SPLITS = ("train", "test")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("EXPLAINKIT_CACHE_DIR") or Path.home() / ".cache" / "explainkit")
+
+
+def data_dir_from_env(data_dir: str | Path | None) -> Path | None:
+    value = data_dir or os.environ.get("EXPLAINKIT_DATA_DIR")
+    return Path(value) if value else None
+
+
+def eval_transform(card: ModelCard) -> Callable:
+    """PIL image -> normalised tensor at the card's input size (no augmentation)."""
+    return transforms.Compose(
+        [
+            transforms.Resize(card.image_size, antialias=True),
+            transforms.ToTensor(),
+            transforms.Normalize(card.mean, card.std),
+        ]
+    )
+
+
+def check_image_folder(root: Path, splits: tuple[str, ...] = ("test",)) -> None:
+    if not root.is_dir():
+        raise DataError(f"--data-dir {root} does not exist or is not a directory")
+    for split in splits:
+        split_dir = root / split
+        if not split_dir.is_dir() or not any(p.is_dir() for p in split_dir.iterdir()):
+            raise DataError(
+                f"--data-dir {root} has no {split}/<class>/ folders; expected an ImageFolder tree "
+                f"with {' and '.join(f'{s}/' for s in SPLITS)} splits"
+            )
+
+
+def load_split(
+    split: str,
+    card: ModelCard,
+    data_dir: str | Path | None = None,
+    transform: Callable | None = None,
+    download: bool = True,
+) -> Dataset:
+    """The ``split`` ("train"/"test") of the data, with classes checked against the model card."""
+    transform = transform or eval_transform(card)
+    root = data_dir_from_env(data_dir)
+    if root is not None:
+        check_image_folder(root, (split,))
+        dataset = datasets.ImageFolder(str(root / split), transform=transform)
+        classes = list(dataset.classes)
+    else:
+        target = cache_dir() / "cifar10"
+        try:
+            dataset = datasets.CIFAR10(str(target), train=split == "train", transform=transform, download=download)
+        except Exception as exc:  # no network, partial download, ...
+            raise DataError(
+                f"CIFAR-10 is not in {target} and could not be downloaded ({type(exc).__name__}); "
+                "pass --data-dir DIR with an ImageFolder tree of train/ and test/ splits"
+            ) from None
+        classes = list(CIFAR10_CLASSES)
+    if classes != list(card.classes):
+        raise DataError(
+            f"the data's classes {classes[:10]}{'...' if len(classes) > 10 else ''} differ from the model card's "
+            f"{list(card.classes)[:10]}; point --data-dir at data for this model"
+        )
+    return dataset
+
+
+def make_loader(dataset: Dataset, batch_size: int, device: torch.device, shuffle: bool = False, workers: int | None = None) -> DataLoader:
+    """A DataLoader with worker processes and, on CUDA, pinned memory."""
+    if workers is None:
+        workers = min(8, os.cpu_count() or 1) if len(dataset) > batch_size else 0
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=False,
+    )

@@ -1,0 +1,166 @@
+"""The explainer base class and what every CAM method shares: target resolution, model-state
+preservation and post-processing (ReLU, bilinear upsampling, per-map [0, 1] scaling).
+
+Design after torch-cam's ``_CAM``: a method implements one small piece
+(:meth:`Explainer.compute`, or :meth:`GradientCAM.channel_weights` for gradient CAMs) and
+the base guarantees the contract users rely on.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator, Sequence, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from explainkit.errors import ExplainkitError
+from explainkit.layers import resolve_layer
+
+Targets = Union[None, int, str, Sequence[int], torch.Tensor]
+ALL = "all"
+
+
+@dataclass
+class Explanation:
+    """What one explainer call produced.
+
+    maps: float32 on the images' device, ``(N, H, W)`` for single targets or ``(N, K, H, W)``
+        for ``targets="all"``.
+    logits: the model's ``(N, K)`` output for the images.
+    targets: the ``(N,)`` class indices explained, or ``None`` for ``"all"``.
+    """
+
+    maps: torch.Tensor
+    logits: torch.Tensor
+    targets: torch.Tensor | None
+
+    @property
+    def probabilities(self) -> torch.Tensor:
+        return self.logits.float().softmax(dim=1)
+
+
+@contextmanager
+def evaluation_mode(model: nn.Module) -> Iterator[None]:
+    """Put ``model`` in eval mode for the block and restore every submodule's own mode after."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def resolve_targets(targets: Targets, logits: torch.Tensor) -> torch.Tensor | str:
+    """Turn the user's ``targets`` into an ``(N,)`` long tensor on the logits' device, or ``"all"``.
+
+    ``None`` means each image's predicted class. A target list must have one entry per image
+    (a short list is an error, never a silently truncated batch).
+    """
+    n, num_classes = logits.shape
+    if targets is None:
+        return logits.argmax(dim=1)
+    if isinstance(targets, str):
+        if targets != ALL:
+            raise ExplainkitError(f"targets must be None, an int, a sequence of ints or 'all', not {targets!r}")
+        return ALL
+    if isinstance(targets, bool):
+        raise ExplainkitError("targets must be class indices, not a bool")
+    if isinstance(targets, int) or (isinstance(targets, torch.Tensor) and targets.ndim == 0):
+        index = int(targets)
+        if not 0 <= index < num_classes:
+            raise ExplainkitError(f"target class {index} is out of range for a model with {num_classes} classes")
+        return torch.full((n,), index, dtype=torch.long, device=logits.device)
+    tensor = torch.as_tensor(targets, device=logits.device)
+    if tensor.ndim != 1 or tensor.shape[0] != n or tensor.dtype.is_floating_point:
+        raise ExplainkitError(f"targets must hold one integer class per image ({n}), got shape {tuple(tensor.shape)}")
+    tensor = tensor.long()
+    # One host sync to validate user input: a bad index would otherwise surface as a cryptic
+    # device-side assert.
+    low, high = torch.aminmax(tensor)
+    if int(low) < 0 or int(high) >= num_classes:
+        raise ExplainkitError(f"target classes must lie in [0, {num_classes - 1}], got {int(low)}..{int(high)}")
+    return tensor
+
+
+def normalize_maps(maps: torch.Tensor) -> torch.Tensor:
+    """Min-max scale each ``(H, W)`` map to [0, 1]; a constant map (e.g. all zero) becomes 0."""
+    flat = maps.flatten(-2)
+    low = flat.amin(dim=-1, keepdim=True)
+    span = flat.amax(dim=-1, keepdim=True) - low
+    scaled = (flat - low) / torch.where(span > 0, span, torch.ones_like(span))
+    return scaled.view_as(maps)
+
+
+def postprocess(raw: torch.Tensor, size: tuple[int, int], normalize: bool = True) -> torch.Tensor:
+    """ReLU, bilinear upsampling of the trailing ``(h, w)`` to ``size``, optional [0, 1] scaling.
+
+    Works on ``(N, h, w)`` and ``(N, K, h, w)`` alike; always returns float32.
+    """
+    maps = F.relu(raw.float())
+    if tuple(maps.shape[-2:]) != tuple(size):
+        lead = maps.shape[:-2]
+        maps = F.interpolate(maps.reshape(-1, 1, *maps.shape[-2:]), size=size, mode="bilinear", align_corners=False)
+        maps = maps.reshape(*lead, *size)
+    return normalize_maps(maps) if normalize else maps
+
+
+def check_images(images: torch.Tensor) -> None:
+    if not isinstance(images, torch.Tensor) or images.ndim != 4 or not images.dtype.is_floating_point:
+        got = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ExplainkitError(f"images must be a normalised float tensor of shape (N, C, H, W), got {got}")
+    if images.shape[0] == 0:
+        raise ExplainkitError("images is an empty batch")
+    if torch.is_inference_mode_enabled():
+        raise ExplainkitError(
+            "explainers need autograd, which torch.inference_mode() disables; "
+            "call the explainer outside inference_mode (torch.no_grad() is fine)"
+        )
+
+
+class Explainer(ABC):
+    """Base of every explainer: ``explainer(images, targets=None, normalize=True) -> maps``.
+
+    Args:
+        model: the classifier; it is run in eval mode during a call and its modes restored after.
+        layer: dotted submodule path or module; ``None`` = :func:`explainkit.layers.default_layer`.
+
+    ``targets`` is ``None`` (each image's predicted class), an ``int``, a sequence or tensor of
+    ``N`` ints, or ``"all"`` (every class, maps shaped ``(N, K, H, W)``).
+    """
+
+    #: human-readable name for titles and tables; subclasses override.
+    name = "explainer"
+
+    def __init__(self, model: nn.Module, layer: str | nn.Module | None = None) -> None:
+        self.model = model
+        self.layer_name, self.layer = resolve_layer(model, layer)
+
+    def __call__(self, images: torch.Tensor, targets: Targets = None, normalize: bool = True) -> torch.Tensor:
+        return self.explain(images, targets, normalize=normalize).maps
+
+    def explain(self, images: torch.Tensor, targets: Targets = None, normalize: bool = True) -> Explanation:
+        """Like calling the explainer, but also returns the logits and the targets explained."""
+        check_images(images)
+        with evaluation_mode(self.model):
+            raw, logits, resolved = self.compute(images, targets)
+        maps = postprocess(raw, tuple(images.shape[-2:]), normalize)
+        return Explanation(maps, logits.detach(), None if isinstance(resolved, str) else resolved)
+
+    @abstractmethod
+    def compute(
+        self, images: torch.Tensor, targets: Targets
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | str]:
+        """Return ``(raw_maps, logits, resolved_targets)`` for a batch, the model already in eval mode.
+
+        ``raw_maps`` is ``(N, h, w)`` (or ``(N, K, h, w)`` for ``"all"``) at any resolution; the
+        base applies ReLU, upsampling and scaling. ``resolved_targets`` comes from
+        :func:`resolve_targets`.
+        """
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(layer={self.layer_name!r})"

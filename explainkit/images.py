@@ -1,0 +1,77 @@
+"""Reading arbitrary image files into the RGB uint8 arrays a model card preprocesses."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from explainkit.errors import ImageReadError
+
+
+def _to_rgb_image(image: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB. 16/32-bit integer images are rescaled to 8 bits, never clipped;
+    transparency is composited onto white."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        if image.mode.startswith("I;16"):
+            high = 65535.0
+        else:
+            high = 65535.0 if values.max(initial=0) <= 65535 and values.min(initial=0) >= 0 else None
+        if high is None:  # arbitrary range: min-max
+            low, top = values.min(), values.max()
+            values = (values - low) / (top - low if top > low else 1.0)
+        else:
+            values = values / high
+        image = Image.fromarray(np.clip(np.round(values * 255), 0, 255).astype(np.uint8), mode="L")
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        image = image.convert("RGBA")
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, image)
+    return image.convert("RGB")
+
+
+def to_rgb_uint8(item: Any, size: tuple[int, int]) -> np.ndarray:
+    """A PIL image or uint8 array (``HxW``, ``HxWx1/3/4``) -> ``(H, W, 3)`` uint8 at ``size`` (h, w)."""
+    if isinstance(item, np.ndarray):
+        array = item
+        if array.dtype == np.uint16:
+            array = np.round(array.astype(np.float64) / 65535 * 255).astype(np.uint8)
+        if array.dtype != np.uint8:
+            raise ValueError(f"arrays must be uint8 (or uint16), got {array.dtype}")
+        if array.ndim == 3 and array.shape[2] == 1:
+            array = array[:, :, 0]
+        if array.ndim == 2:
+            image = Image.fromarray(array, mode="L")
+        elif array.ndim == 3 and array.shape[2] in (3, 4):
+            image = Image.fromarray(array, mode="RGB" if array.shape[2] == 3 else "RGBA")
+        else:
+            raise ValueError(f"cannot read an image array of shape {array.shape}")
+    elif isinstance(item, Image.Image):
+        image = item
+    else:
+        raise TypeError(f"expected a PIL image or a numpy array, got {type(item).__name__}")
+    image = _to_rgb_image(image)
+    height, width = size
+    if image.size != (width, height):
+        image = image.resize((width, height), Image.Resampling.BILINEAR, reducing_gap=None)
+    return np.asarray(image, dtype=np.uint8)
+
+
+def read_image(path: str | Path, size: tuple[int, int]) -> np.ndarray:
+    """Read an image file (any PIL format/mode) as ``(H, W, 3)`` uint8 at ``size``."""
+    path = Path(path)
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return to_rgb_uint8(image, size)
+    except FileNotFoundError:
+        raise ImageReadError(f"image not found: {path}") from None
+    except IsADirectoryError:
+        raise ImageReadError(f"image path is a directory: {path}") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise ImageReadError(f"cannot read image {path}: {type(exc).__name__}: {exc}") from None

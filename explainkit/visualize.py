@@ -1,0 +1,138 @@
+"""Figures: CAM overlays, the per-class grid, the misclassified grid and the method comparison.
+
+Inputs are CPU tensors or arrays: images ``(N, 3, H, W)`` in [0, 1] (already un-normalised)
+and maps in [0, 1]. Every figure is saved atomically.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from explainkit.io import atomic_path  # noqa: E402
+
+COLORMAP = "jet"
+ALPHA = 0.5
+CELL = 1.6  # inches per grid cell
+
+
+def _hwc(image: torch.Tensor | np.ndarray) -> np.ndarray:
+    array = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+    return np.clip(array.transpose(1, 2, 0), 0, 1)
+
+
+def overlay(image: torch.Tensor | np.ndarray, cam: torch.Tensor | np.ndarray, alpha: float = ALPHA) -> np.ndarray:
+    """Blend a ``(3, H, W)`` image in [0, 1] with a colour-mapped ``(H, W)`` CAM -> ``(H, W, 3)``."""
+    cam_array = cam.detach().cpu().numpy() if isinstance(cam, torch.Tensor) else np.asarray(cam)
+    heat = matplotlib.colormaps[COLORMAP](np.clip(cam_array, 0, 1))[..., :3]
+    return (1 - alpha) * _hwc(image) + alpha * heat
+
+
+def save_figure(fig: plt.Figure, path: str | Path) -> Path:
+    path = Path(path)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", dpi=110, bbox_inches="tight")
+    finally:
+        plt.close(fig)
+    return path
+
+
+def _blank(ax: plt.Axes) -> None:
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def per_class_grid(
+    images: torch.Tensor,
+    maps: torch.Tensor,
+    probabilities: torch.Tensor,
+    classes: Sequence[str],
+    labels: Sequence[str] | None = None,
+    title: str = "",
+) -> plt.Figure:
+    """One row per image: the image, then its CAM for every class, titled ``class (p)``."""
+    n, k = maps.shape[:2]
+    fig, axes = plt.subplots(n, k + 1, figsize=(CELL * (k + 1), CELL * n + 0.6), squeeze=False)
+    for row in range(n):
+        axes[row, 0].imshow(_hwc(images[row]))
+        axes[row, 0].set_title(labels[row] if labels else "image", fontsize=8)
+        for cls in range(k):
+            ax = axes[row, cls + 1]
+            ax.imshow(overlay(images[row], maps[row, cls]))
+            ax.set_title(f"{classes[cls]} ({float(probabilities[row, cls]):.2f})", fontsize=8)
+        for ax in axes[row]:
+            _blank(ax)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def misclassified_grid(
+    images: torch.Tensor,
+    predicted_maps: torch.Tensor,
+    true_maps: torch.Tensor,
+    predicted: Sequence[int],
+    truth: Sequence[int],
+    predicted_probability: Sequence[float],
+    classes: Sequence[str],
+    total_wrong: int,
+    scanned: int,
+    title: str = "",
+) -> plt.Figure:
+    """Rows of image | CAM for the predicted class | CAM for the true class."""
+    n = len(images)
+    rows = max(n, 1)
+    fig, axes = plt.subplots(rows, 3, figsize=(CELL * 3.2, CELL * rows + 0.8), squeeze=False)
+    for row in range(n):
+        pred, true = classes[predicted[row]], classes[truth[row]]
+        axes[row, 0].imshow(_hwc(images[row]))
+        axes[row, 0].set_title(f"pred {pred} ({predicted_probability[row]:.2f}) / true {true}", fontsize=7)
+        axes[row, 1].imshow(overlay(images[row], predicted_maps[row]))
+        axes[row, 1].set_title(f"CAM: {pred}", fontsize=7)
+        axes[row, 2].imshow(overlay(images[row], true_maps[row]))
+        axes[row, 2].set_title(f"CAM: {true}", fontsize=7)
+    if n == 0:
+        axes[0, 1].text(0.5, 0.5, "no misclassified images", ha="center", va="center")
+    for ax in axes.flat:
+        _blank(ax)
+        if n == 0:
+            ax.axis("off")
+    header = f"{total_wrong} of {scanned} misclassified ({100 * total_wrong / max(scanned, 1):.2f}%)"
+    fig.suptitle(f"{title}\n{header}" if title else header, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def methods_grid(
+    images: torch.Tensor,
+    maps_by_method: Mapping[str, torch.Tensor],
+    row_labels: Sequence[str],
+    title: str = "",
+) -> plt.Figure:
+    """Rows = images, columns = the image then one CAM per method, with one shared [0, 1] colour bar."""
+    methods = list(maps_by_method)
+    n, m = len(images), len(methods)
+    fig, axes = plt.subplots(n, m + 1, figsize=(CELL * (m + 1) + 0.8, CELL * n + 0.6), squeeze=False)
+    for row in range(n):
+        axes[row, 0].imshow(_hwc(images[row]))
+        axes[row, 0].set_title(row_labels[row], fontsize=8)
+        for col, method in enumerate(methods):
+            axes[row, col + 1].imshow(overlay(images[row], maps_by_method[method][row]))
+            if row == 0:
+                axes[row, col + 1].set_title(method, fontsize=9, fontweight="bold")
+        for ax in axes[row]:
+            _blank(ax)
+    mappable = matplotlib.cm.ScalarMappable(norm=matplotlib.colors.Normalize(0, 1), cmap=COLORMAP)
+    fig.colorbar(mappable, ax=axes, fraction=0.03, pad=0.02, label="relevance (per-map [0, 1])")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return fig
