@@ -1,0 +1,132 @@
+"""The explainer contract every method inherits: targets, output, post-processing, model state."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import explainkit
+from explainkit.errors import ExplainkitError
+from explainkit.explainers.base import evaluation_mode, normalize_maps, postprocess, resolve_targets
+
+BUILTINS = ["gradcam", "gradcam++", "captum-gradcam"]
+
+
+def _hooks(model):
+    return sum(
+        len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) + len(getattr(m, "_backward_pre_hooks", {}))
+        for m in model.modules()
+    )
+
+
+# --- targets -------------------------------------------------------------------------------
+def test_resolve_targets_forms():
+    logits = torch.tensor([[0.0, 2.0, 1.0], [3.0, 0.0, 1.0]])
+    assert resolve_targets(None, logits).tolist() == [1, 0]
+    assert resolve_targets(2, logits).tolist() == [2, 2]
+    assert resolve_targets([2, 1], logits).tolist() == [2, 1]
+    assert resolve_targets(torch.tensor([0, 2]), logits).tolist() == [0, 2]
+    assert resolve_targets("all", logits) == "all"
+
+
+@pytest.mark.parametrize("bad", [3, -1, [0], [0, 1, 2], [0, 5], "every", True, [0.5, 1.0]])
+def test_resolve_targets_rejects_bad_targets(bad):
+    with pytest.raises(ExplainkitError):
+        resolve_targets(bad, torch.zeros(2, 3))
+
+
+# --- post-processing ---------------------------------------------------------------------------
+def test_normalize_maps_scales_each_map_and_keeps_zero_maps_zero():
+    maps = torch.stack([torch.zeros(4, 4), torch.arange(16.0).view(4, 4) + 5, torch.full((4, 4), 7.0)])
+    scaled = normalize_maps(maps)
+    assert scaled[0].eq(0).all()
+    assert scaled[1].min() == 0 and scaled[1].max() == 1
+    assert scaled[2].eq(0).all()
+
+
+def test_postprocess_relu_upsample_shapes():
+    raw = torch.tensor([[[-1.0, 2.0], [0.5, -3.0]]])
+    out = postprocess(raw, (8, 8), normalize=False)
+    assert out.shape == (1, 8, 8) and out.dtype == torch.float32 and out.min() >= 0
+    assert postprocess(torch.randn(2, 10, 4, 4), (32, 32)).shape == (2, 10, 32, 32)
+
+
+# --- the contract, for every built-in ------------------------------------------------------
+@pytest.mark.parametrize("name", BUILTINS)
+def test_output_contract(name, random_model, images):
+    explainer = explainkit.get_explainer(name, random_model, layer="layer4")
+    maps = explainer(images)
+    assert maps.shape == (6, 32, 32) and maps.dtype == torch.float32 and maps.device == images.device
+    assert maps.min() >= 0 and maps.max() <= 1
+    per_map_max = maps.flatten(1).amax(1)
+    assert torch.all((per_map_max == 0) | torch.isclose(per_map_max, torch.tensor(1.0)))
+    assert explainer(images, targets="all").shape == (6, 10, 32, 32)
+
+
+@pytest.mark.parametrize("name", BUILTINS)
+def test_model_state_left_as_found(name, random_model, images):
+    model = copy.deepcopy(random_model).train()  # training mode, to see it restored
+    model.layer2.eval()  # a mixed mode must survive too
+    model.fc.weight.requires_grad_(False)
+    model.conv1.weight.grad = torch.full_like(model.conv1.weight, 0.25)
+    buffers = {k: v.clone() for k, v in model.named_buffers()}
+    modes = {n: m.training for n, m in model.named_modules()}
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+
+    explainkit.get_explainer(name, model, layer="layer3")(images, targets="all")
+
+    assert {n: m.training for n, m in model.named_modules()} == modes
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    for key, value in model.named_buffers():
+        torch.testing.assert_close(value, buffers[key], msg=key)
+    assert torch.equal(model.conv1.weight.grad, torch.full_like(model.conv1.weight, 0.25))
+    assert all(p.grad is None for n, p in model.named_parameters() if n != "conv1.weight")
+    assert _hooks(model) == 0
+
+
+@pytest.mark.parametrize("name", BUILTINS)
+def test_hooks_removed_when_the_call_raises(name, random_model, images):
+    explainer = explainkit.get_explainer(name, random_model)
+    with pytest.raises(ExplainkitError):
+        explainer(images, targets=[0, 1])  # wrong length
+    assert _hooks(random_model) == 0
+    with pytest.raises(Exception):
+        explainer(torch.randn(2, 5, 32, 32))  # wrong channel count fails inside the model
+    assert _hooks(random_model) == 0
+    assert not random_model.training
+
+
+@pytest.mark.parametrize("name", BUILTINS)
+def test_works_under_no_grad_and_on_a_frozen_model(name, random_model, images):
+    model = copy.deepcopy(random_model).requires_grad_(False)
+    explainer = explainkit.get_explainer(name, model)
+    with torch.no_grad():
+        maps = explainer(images)
+        assert not torch.is_grad_enabled()
+    assert maps.flatten(1).amax(1).gt(0).any()
+    torch.testing.assert_close(maps, explainkit.get_explainer(name, random_model)(images), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", BUILTINS)
+def test_inference_mode_is_a_clear_error(name, random_model, images):
+    explainer = explainkit.get_explainer(name, random_model)
+    with torch.inference_mode(), pytest.raises(ExplainkitError, match="inference_mode"):
+        explainer(images)
+
+
+def test_bad_images_are_rejected(random_model):
+    explainer = explainkit.get_explainer("gradcam", random_model)
+    with pytest.raises(ExplainkitError, match="N, C, H, W"):
+        explainer(torch.zeros(3, 32, 32))
+    with pytest.raises(ExplainkitError):
+        explainer(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
+
+
+def test_evaluation_mode_restores_after_exception(random_model):
+    model = copy.deepcopy(random_model).train()
+    with pytest.raises(ValueError), evaluation_mode(model):
+        assert not model.training
+        raise ValueError
+    assert all(m.training for m in model.modules())

@@ -1,0 +1,121 @@
+"""GradCAM and GradCAM++: parity with pytorch-grad-cam, batched "all", autograd scope."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from pytorch_grad_cam import GradCAM as PgcGradCAM
+from pytorch_grad_cam import GradCAMPlusPlus as PgcGradCAMPlusPlus
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+from explainkit.explainers.gradient import GradCAM, GradCAMPlusPlus, layer_output_as_leaf
+from tests.conftest import correlation
+
+PAIRS = [(GradCAM, PgcGradCAM), (GradCAMPlusPlus, PgcGradCAMPlusPlus)]
+
+
+def _reference(pgc_class, model, layer, images, targets):
+    with pgc_class(model=model, target_layers=[layer]) as cam:
+        return torch.from_numpy(cam(input_tensor=images, targets=[ClassifierOutputTarget(int(t)) for t in targets]))
+
+
+def _assert_parity(ours_class, pgc_class, model, layer_name, images):
+    ours = ours_class(model, layer=layer_name).explain(images)
+    reference = _reference(pgc_class, model, model.get_submodule(layer_name), images, ours.targets)
+    informative = reference.flatten(1).std(1) > 1e-4  # an all-zero map has no correlation
+    assert informative.sum() >= len(images) // 2
+    corr = correlation(ours.maps, reference)[informative]
+    assert corr.min() > 0.99, corr
+
+
+@pytest.mark.parametrize("layer_name", ["layer4", "layer3"])
+@pytest.mark.parametrize("ours_class, pgc_class", PAIRS, ids=["gradcam", "gradcam++"])
+def test_parity_with_pytorch_grad_cam_random_model(ours_class, pgc_class, layer_name, random_model, images):
+    _assert_parity(ours_class, pgc_class, random_model, layer_name, images)
+
+
+@pytest.mark.parametrize("layer_name", ["layer4", "layer3"])
+@pytest.mark.parametrize("ours_class, pgc_class", PAIRS, ids=["gradcam", "gradcam++"])
+def test_parity_with_pytorch_grad_cam_trained_model(ours_class, pgc_class, layer_name, trained_model):
+    torch.manual_seed(3)
+    images = torch.randn(8, 3, 32, 32) * 0.8
+    _assert_parity(ours_class, pgc_class, trained_model, layer_name, images)
+
+
+@pytest.mark.parametrize("explainer_class", [GradCAM, GradCAMPlusPlus])
+@pytest.mark.parametrize("layer_name", ["layer4", "layer3"])
+def test_all_targets_equal_single_target_calls(explainer_class, layer_name, random_model, images):
+    explainer = explainer_class(random_model, layer=layer_name)
+    every = explainer(images, targets="all", normalize=False)
+    assert every.shape == (len(images), 10, 32, 32)
+    for k in (0, 4, 9):
+        single = explainer(images, targets=k, normalize=False)
+        torch.testing.assert_close(every[:, k], single, rtol=1e-4, atol=1e-5)
+
+
+def test_per_image_targets_pick_each_images_class(random_model, images):
+    explainer = GradCAM(random_model)
+    targets = torch.tensor([0, 1, 2, 3, 4, 5])
+    maps = explainer(images, targets=targets)
+    every = explainer(images, targets="all")
+    torch.testing.assert_close(maps, every[torch.arange(6), targets], rtol=1e-4, atol=1e-5)
+
+
+def test_gradcam_weights_are_spatially_averaged_gradients():
+    activations = torch.arange(2 * 3 * 2 * 2, dtype=torch.float32).view(2, 3, 2, 2)
+    gradients = torch.ones(2, 3, 2, 2) * torch.tensor([1.0, -2.0, 3.0]).view(1, 3, 1, 1)
+    weights = GradCAM.channel_weights(None, activations, gradients)
+    torch.testing.assert_close(weights, torch.tensor([[1.0, -2.0, 3.0]] * 2))
+
+
+def test_gradcam_plus_plus_alpha_is_zero_where_denominator_vanishes():
+    activations = torch.zeros(1, 2, 2, 2)
+    gradients = torch.zeros(1, 2, 2, 2)
+    gradients[0, 0, 0, 0] = 2.0  # g=2, sum A = 0 -> alpha = 4 / 8 = 0.5, w = 0.5 * 2 = 1
+    weights = GradCAMPlusPlus.channel_weights(None, activations, gradients)
+    assert torch.isfinite(weights).all()
+    torch.testing.assert_close(weights, torch.tensor([[1.0, 0.0]]))
+
+
+def test_no_graph_is_recorded_below_the_layer(random_model, images):
+    grad_mode_seen = {}
+
+    def spy(name):
+        def hook(module, inputs, output):
+            grad_mode_seen[name] = (torch.is_grad_enabled(), output.requires_grad)
+
+        return hook
+
+    handles = [
+        random_model.layer3.register_forward_hook(spy("layer3")),
+        random_model.fc.register_forward_hook(spy("fc")),
+    ]
+    try:
+        GradCAM(random_model, layer="layer4")(images.requires_grad_(True))
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert grad_mode_seen["layer3"] == (False, False)  # below the layer: no autograd at all
+    assert grad_mode_seen["fc"] == (True, True)  # above it: the graph we differentiate
+
+
+def test_layer_output_as_leaf_restores_grad_mode_and_hook_on_error(random_model):
+    before = torch.is_grad_enabled()
+    with pytest.raises(RuntimeError):
+        with layer_output_as_leaf(random_model.layer4):
+            raise RuntimeError("boom")
+    assert torch.is_grad_enabled() == before
+    assert not random_model.layer4._forward_hooks
+
+
+def test_inplace_op_after_the_target_layer_is_allowed(random_model, images):
+    # layer4.0.bn1 is followed by ReLU(inplace=True): the leaf must not be modified in place.
+    maps = GradCAM(random_model, layer="layer4.0.bn1")(images)
+    assert maps.shape == (6, 32, 32) and torch.isfinite(maps).all()
+
+
+def test_bfloat16_autocast_matches_float32(random_model, images):
+    reference = GradCAM(random_model)(images)
+    mixed = GradCAM(random_model, autocast=torch.bfloat16)(images)
+    assert mixed.dtype == torch.float32
+    assert correlation(mixed, reference).mean() > 0.9
