@@ -208,7 +208,7 @@ def explain_dataset(
         "layer": primary.layer_name,
         "methods": list(explainers),
         "images": images,
-        "accuracy": float((predictions == labels).float().mean()) if images else None,
+        "accuracy": round(float((predictions == labels).double().mean()), 6) if images else None,
         "misclassified": int(len(wrong)),
         "timings": {
             "scan_seconds": round(scanned["seconds"], 3),

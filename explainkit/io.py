@@ -15,6 +15,13 @@ from typing import Any, Iterator
 from explainkit.errors import ExplainkitError
 
 
+def _file_mode() -> int:
+    """0o666 less the process umask: what ``open()`` would have created (mkstemp uses 0o600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; it is renamed onto ``path`` if the block succeeds."""
@@ -24,6 +31,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        os.chmod(tmp_path, _file_mode())
         os.replace(tmp_path, path)
     finally:
         tmp_path.unlink(missing_ok=True)

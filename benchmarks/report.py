@@ -1,0 +1,123 @@
+"""Turn a pytest-benchmark session into ``benchmarks/RESULTS.md``: images/s and the ratio to the
+floor (plain inference) per case and device, the issue's targets, and the machine."""
+
+from __future__ import annotations
+
+import datetime
+import platform
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from explainkit.io import atomic_path
+
+
+def machine_description() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    text = f"CPU: {cpu}, {torch.get_num_threads()} torch threads; torch {torch.__version__}"
+    if torch.cuda.is_available():
+        text += f"; GPU: {torch.cuda.get_device_name()} (CUDA {torch.version.cuda})"
+    return text
+
+
+def _rows(benchmarks) -> list[dict[str, Any]]:
+    rows = []
+    for bench in benchmarks:
+        info = dict(bench.extra_info)
+        if "case" not in info or bench.stats is None:
+            continue
+        median = bench.stats.median
+        info["median_s"] = median
+        info["ips"] = info.get("images", 0) / median if median else float("nan")
+        info["group"] = bench.group
+        rows.append(info)
+    return rows
+
+
+def _find(rows, group, case, layer=None):
+    for row in rows:
+        if row["group"] == group and row["case"] == case and (layer is None or row["layer"] == layer):
+            return row
+    return None
+
+
+def _targets(rows, group) -> list[tuple[str, float | None, str, bool | None]]:
+    """(what, measured, target text, met) for one device/batch/dtype group."""
+    floor = _find(rows, group, "forward (inference_mode)")
+    out = []
+
+    def ratio(case, layer):
+        row = _find(rows, group, case, layer)
+        return row["ips"] / floor["ips"] if row and floor else None
+
+    def speedup(fast_case, slow_case, layer, slow_layer=None):
+        fast, slow = _find(rows, group, fast_case, layer), _find(rows, group, slow_case, slow_layer or layer)
+        return fast["ips"] / slow["ips"] if fast and slow else None
+
+    checks = [
+        ("gradcam single target @layer4 / forward", ratio("gradcam single target", "layer4"), 0.90),
+        ("gradcam++ single target @layer4 / forward", ratio("gradcam++ single target", "layer4"), 0.90),
+        ("gradcam single target @layer3 / forward", ratio("gradcam single target", "layer3"), 0.70),
+        ("all classes @layer4 / forward", ratio("gradcam all classes (one call)", "layer4"), 0.80),
+        ("all classes @layer3 vs 10 calls of ours", speedup("gradcam all classes (one call)", "gradcam 10 single-target calls", "layer3"), 2.5),
+        ("all classes @layer3 vs 10 pytorch-grad-cam calls", speedup("gradcam all classes (one call)", "pytorch-grad-cam GradCAM 10 calls", "layer3"), 6.0),
+        ("gradcam vs pytorch-grad-cam GradCAM @layer4", speedup("gradcam single target", "pytorch-grad-cam GradCAM single target", "layer4"), 2.5),
+    ]
+    for what, value, target in checks:
+        out.append((what, value, f">= {target}x", None if value is None else value >= target))
+    return out
+
+
+def write_results(benchmarks, path: Path) -> None:
+    rows = _rows(benchmarks)
+    lines = [
+        "# Explanation throughput",
+        "",
+        f"Written by `pytest --benchmark-only --write-results` on {datetime.date.today()}.",
+        f"Machine: {machine_description()}.",
+        "",
+        "Protocol: all cases in one process, same model (ResNet18-CIFAR, random init — speed does not",
+        "depend on the weights), batch, device and threads; one warm-up round, then the median of",
+        "rounds (5; 7 for the forward; 3 for ten-call cases; 1 end to end); CUDA synchronised.",
+        "Ratio = images/s of the case / images/s of plain inference (`torch.inference_mode`) in the same group.",
+        "",
+    ]
+    groups = list(dict.fromkeys(row["group"] for row in rows))
+    for group in groups:
+        in_group = [row for row in rows if row["group"] == group]
+        lines += [f"## {group}", ""]
+        if group.endswith("-memory"):
+            forward = next((r for r in in_group if r["case"] == "peak memory: forward"), None)
+            lines += ["| case | batch | peak added (MiB) | ratio to forward |", "| --- | --- | --- | --- |"]
+            for row in in_group:
+                mib = row.get("peak_bytes", 0) / 2**20
+                rel = row.get("peak_bytes", 0) / forward["peak_bytes"] if forward and forward.get("peak_bytes") else float("nan")
+                lines.append(f"| {row['case']} | {row['batch']} | {mib:.1f} | {rel:.2f}x |")
+            lines += ["", f"Target: all classes @layer4 <= 1.5x the forward's peak.", ""]
+            continue
+        floor = _find(rows, group, "forward (inference_mode)") or next(
+            (r for r in in_group if r["case"].startswith("end to end: inference")), None
+        )
+        lines += ["| case | layer | images/s | ratio to floor |", "| --- | --- | --- | --- |"]
+        for row in in_group:
+            rel = row["ips"] / floor["ips"] if floor else float("nan")
+            lines.append(f"| {row['case']} | {row['layer']} | {row['ips']:.1f} | {rel:.2f}x |")
+        lines.append("")
+        if floor and floor["case"].startswith("forward"):
+            lines += ["| target | measured | wanted | met |", "| --- | --- | --- | --- |"]
+            for what, value, wanted, met in _targets(rows, group):
+                shown = "n/a" if value is None else f"{value:.2f}x"
+                lines.append(f"| {what} | {shown} | {wanted} | {'n/a' if met is None else ('yes' if met else '**no**')} |")
+            lines.append("")
+        elif floor:
+            lines += [f"Target: explain >= 0.80x inference over the same loader ({row.get('images')} images, {row.get('source', '')}).", ""]
+    with atomic_path(path) as tmp:
+        tmp.write_text("\n".join(lines) + "\n")

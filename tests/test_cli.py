@@ -1,0 +1,149 @@
+"""The command line: happy paths and every kind of bad input (one line, exit 2, nothing written)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from explainkit.cli import main
+from tests.conftest import REPO
+
+
+def _run(capsys, *argv):
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _assert_clean_failure(code, err, *fragments):
+    assert code == 2
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.fixture
+def base_args(random_checkpoint, tiny_folder, tmp_path):
+    return ["explain", "--checkpoint", str(random_checkpoint), "--data-dir", str(tiny_folder), "--out", str(tmp_path / "out")]
+
+
+def test_explain_on_generated_data(capsys, base_args, tmp_path):
+    code, out, err = _run(capsys, *base_args, "--method", "gradcam,gradcam++", "--samples", "2", "--misclassified", "3")
+    assert code == 0, err
+    written = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert written == ["methods.png", "misclassified.png", "per_class.png", "summary.json"]
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["images"] == 20 and summary["methods"] == ["gradcam", "gradcam++"]
+
+
+def test_methods_alias_and_image_files(capsys, random_checkpoint, tmp_path):
+    paths = []
+    for i, mode in enumerate(["L", "RGBA", "RGB"]):
+        path = tmp_path / f"img{i}.png"
+        Image.new(mode, (50 + i, 40)).save(path)
+        paths.append(str(path))
+    code, out, err = _run(capsys, "explain", "--methods", "gradcam", "--checkpoint", str(random_checkpoint),
+                          "--image", *paths, "--out", str(tmp_path / "o"), "--save-maps")
+    assert code == 0, err
+    summary = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert len(summary["predictions"]) == 3
+    assert np.load(tmp_path / "o" / "maps.npz")["maps_gradcam"].shape == (3, 32, 32)
+
+
+def test_unknown_method(capsys, base_args, tmp_path):
+    code, _, err = _run(capsys, *base_args, "--method", "gradcam,gradkam")
+    _assert_clean_failure(code, err, "gradkam", "did you mean 'gradcam'", "captum-gradcam")
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_layer(capsys, base_args, tmp_path):
+    code, _, err = _run(capsys, *base_args, "--layer", "layer9")
+    _assert_clean_failure(code, err, "layer9", "layer4")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("kind", ["missing", "corrupt", "mismatched"])
+def test_bad_checkpoints(capsys, tiny_folder, tmp_path, random_checkpoint, kind):
+    path = tmp_path / "ckpt.pt"
+    if kind == "corrupt":
+        path.write_bytes(b"PK\x03\x04 not really a zip")
+        path.with_suffix(".json").write_text(random_checkpoint.with_suffix(".json").read_text())
+    elif kind == "mismatched":
+        path.write_bytes(random_checkpoint.read_bytes())
+        card = json.loads(random_checkpoint.with_suffix(".json").read_text())
+        card.update(num_classes=3, classes=["a", "b", "c"])
+        path.with_suffix(".json").write_text(json.dumps(card))
+    code, _, err = _run(capsys, "explain", "--checkpoint", str(path), "--data-dir", str(tiny_folder), "--out", str(tmp_path / "out"))
+    _assert_clean_failure(code, err, str(path))
+    assert not (tmp_path / "out").exists()
+
+
+def test_no_model_anywhere_gives_the_command(capsys, tiny_folder, tmp_path):
+    code, _, err = _run(capsys, "explain", "--models-dir", str(tmp_path / "empty"), "--data-dir", str(tiny_folder), "--out", str(tmp_path / "out"))
+    _assert_clean_failure(code, err, "--checkpoint", "python -m explainkit train")
+
+
+def test_wrong_data_dir_layout(capsys, random_checkpoint, tmp_path):
+    (tmp_path / "flat").mkdir()
+    (tmp_path / "flat" / "x.jpg").write_bytes(b"")
+    code, _, err = _run(capsys, "explain", "--checkpoint", str(random_checkpoint), "--data-dir", str(tmp_path / "flat"), "--out", str(tmp_path / "out"))
+    _assert_clean_failure(code, err, "--data-dir", "test/")
+    assert not (tmp_path / "out").exists()
+
+
+def test_unreadable_image(capsys, random_checkpoint, tmp_path):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\nbroken")
+    code, _, err = _run(capsys, "explain", "--checkpoint", str(random_checkpoint), "--image", str(bad), "--out", str(tmp_path / "out"))
+    _assert_clean_failure(code, err, "broken.png")
+    assert not (tmp_path / "out").exists()
+
+
+def test_unwritable_out(capsys, random_checkpoint, tiny_folder, tmp_path):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file where a directory should be")
+    code, _, err = _run(capsys, "explain", "--checkpoint", str(random_checkpoint), "--data-dir", str(tiny_folder), "--out", str(blocker / "out"))
+    _assert_clean_failure(code, err, "--out")
+
+
+@pytest.mark.parametrize("argv", [["explain", "--limit", "0"], ["explain", "--batch-size", "-3"], ["explain", "--device", "tpu"], ["nope"]])
+def test_bad_flags_are_one_line(capsys, argv):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "error" in err
+
+
+def test_methods_command_lists_plugins(capsys):
+    code, out, _ = _run(capsys, "methods", "--json")
+    rows = {row["name"]: row for row in json.loads(out)}
+    assert rows["gradcam"]["plugin"] == "explainkit.builtin"
+    assert code == 0
+
+
+def test_python_dash_m_end_to_end_on_the_trained_model(trained_model_path, cifar_dir, tmp_path):
+    out = tmp_path / "e2e"
+    proc = subprocess.run(
+        [sys.executable, "-m", "explainkit", "explain", "--method", "gradcam,gradcam++,captum-gradcam",
+         "--checkpoint", str(trained_model_path), "--data-dir", str(cifar_dir), "--limit", "200", "--out", str(out)],
+        capture_output=True, text=True, cwd=REPO, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["images"] == 200
+    assert 0.6 < summary["accuracy"] < 0.95  # the fixture model is ~77% on the full split
+    assert {"per_class.png", "misclassified.png", "methods.png"} <= {p.name for p in out.iterdir()}
+
+
+def test_python_dash_m_bad_input_has_no_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "explainkit", "explain", "--checkpoint", str(tmp_path / "x.pt")],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1

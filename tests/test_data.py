@@ -1,0 +1,52 @@
+"""Datasets: ImageFolder layout checks, class checks against the card, offline CIFAR-10."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from explainkit import data
+from explainkit.card import ModelCard
+from explainkit.errors import DataError
+
+
+def test_image_folder_split_loads(tiny_folder):
+    dataset = data.load_split("test", ModelCard(), tiny_folder)
+    image, label = dataset[0]
+    assert image.shape == (3, 32, 32) and image.dtype == torch.float32 and label == 0
+    assert len(dataset) == 20
+
+
+def test_env_var_points_at_data(tiny_folder, monkeypatch):
+    monkeypatch.setenv("EXPLAINKIT_DATA_DIR", str(tiny_folder))
+    assert len(data.load_split("train", ModelCard())) == 20
+
+
+def test_wrong_layout_names_data_dir(tmp_path):
+    (tmp_path / "stuff").mkdir()
+    with pytest.raises(DataError, match="--data-dir .*test/"):
+        data.load_split("test", ModelCard(), tmp_path)
+    with pytest.raises(DataError, match="does not exist"):
+        data.load_split("test", ModelCard(), tmp_path / "missing")
+
+
+def test_classes_must_match_the_card(tiny_folder):
+    card = ModelCard(num_classes=2, classes=["cat", "dog"])
+    with pytest.raises(DataError, match="differ from the model card"):
+        data.load_split("test", card, tiny_folder)
+
+
+def test_no_network_and_no_data_is_a_clear_error(monkeypatch, tmp_path):
+    def offline(*args, **kwargs):
+        raise OSError("network unreachable")
+
+    monkeypatch.setenv("EXPLAINKIT_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("EXPLAINKIT_DATA_DIR", raising=False)
+    monkeypatch.setattr(data.datasets, "CIFAR10", offline)
+    with pytest.raises(DataError, match="--data-dir"):
+        data.load_split("test", ModelCard())
+
+
+def test_real_cifar_folder_matches_card(cifar_dir):
+    dataset = data.load_split("test", ModelCard(), cifar_dir)
+    assert len(dataset) == 10000

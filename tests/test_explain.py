@@ -1,0 +1,66 @@
+"""The explain job over a dataset and over image files."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import explainkit
+from explainkit.card import ModelCard
+from explainkit.data import load_split
+from explainkit.explain import explain_dataset, explain_images, pick_samples, scan
+
+
+def test_pick_samples_prefers_distinct_classes():
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+    assert pick_samples(labels, 3) == [0, 2, 4]
+    assert pick_samples(labels, 4) == [0, 2, 4, 1]
+    assert pick_samples(labels, 0) == []
+
+
+def test_scan_predicts_every_image_and_matches_the_model(random_model, tiny_folder):
+    dataset = load_split("test", ModelCard(), tiny_folder)
+    result = scan(random_model, dataset, torch.device("cpu"), batch_size=8)
+    images = torch.stack([dataset[i][0] for i in range(len(dataset))])
+    with torch.no_grad():
+        expected = random_model(images).argmax(1)
+    assert torch.equal(result["predictions"], expected)
+    assert result["labels"].tolist() == [i // 2 for i in range(20)]
+
+
+def test_scan_with_explainers_returns_maps_per_method(random_model, tiny_folder):
+    dataset = load_split("test", ModelCard(), tiny_folder)
+    explainers = {n: explainkit.get_explainer(n, random_model) for n in ("gradcam", "gradcam++")}
+    result = scan(random_model, dataset, torch.device("cpu"), batch_size=8, explainers=explainers)
+    assert result["maps"]["gradcam"].shape == (20, 32, 32)
+
+
+def test_explain_dataset_writes_everything(random_model, tiny_folder, tmp_path):
+    dataset = load_split("test", ModelCard(), tiny_folder)
+    explainers = {n: explainkit.get_explainer(n, random_model) for n in ("gradcam", "captum-gradcam")}
+    result = explain_dataset(
+        random_model, ModelCard(), explainers, dataset, tmp_path, torch.device("cpu"),
+        samples=2, misclassified=4, limit=10, batch_size=4, save_maps=True,
+    )
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["maps.npz", "methods.png", "misclassified.png", "per_class.png", "summary.json"]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["schema_version"] == 1 and summary["images"] == 10
+    assert summary["methods"] == ["gradcam", "captum-gradcam"] and summary["layer"] == "layer4"
+    saved = np.load(tmp_path / "maps.npz")
+    assert saved["maps_gradcam"].shape == (10, 32, 32)
+    wrong = int((saved["predictions"] != saved["labels"]).sum())
+    assert summary["misclassified"] == wrong
+    assert summary["accuracy"] == pytest.approx(1 - wrong / 10)
+    assert result.summary == summary
+
+
+def test_explain_images(random_model, tmp_path):
+    images = ModelCard().preprocess(np.zeros((2, 32, 32, 3), dtype=np.uint8))
+    result = explain_images(random_model, ModelCard(), {"gradcam": explainkit.get_explainer("gradcam", random_model)},
+                            images, ["a.png", "b.png"], tmp_path, torch.device("cpu"), save_maps=True)
+    assert [p["image"] for p in result.summary["predictions"]] == ["a.png", "b.png"]
+    assert (tmp_path / "per_class.png").exists() and (tmp_path / "maps.npz").exists()

@@ -1,0 +1,41 @@
+"""Figures render, are saved atomically, and overlays blend as documented."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+
+from explainkit import visualize
+
+CLASSES = [f"c{i}" for i in range(4)]
+
+
+def test_overlay_blends_image_and_heat():
+    image = torch.zeros(3, 8, 8)
+    cam = torch.zeros(8, 8)
+    cam[0, 0] = 1
+    blended = visualize.overlay(image, cam)
+    assert blended.shape == (8, 8, 3) and blended.min() >= 0 and blended.max() <= 1
+    assert not np.allclose(blended[0, 0], blended[7, 7])  # hot vs cold colour
+
+
+def test_grids_write_pngs(tmp_path):
+    images, maps = torch.rand(2, 3, 16, 16), torch.rand(2, 4, 16, 16)
+    probs = torch.softmax(torch.randn(2, 4), 1)
+    paths = [
+        visualize.save_figure(visualize.per_class_grid(images, maps, probs, CLASSES), tmp_path / "a.png"),
+        visualize.save_figure(
+            visualize.misclassified_grid(images, maps[:, 0], maps[:, 1], [0, 1], [2, 3], [0.9, 0.5], CLASSES, 7, 100),
+            tmp_path / "b.png",
+        ),
+        visualize.save_figure(
+            visualize.misclassified_grid(torch.empty(0), torch.empty(0), torch.empty(0), [], [], [], CLASSES, 0, 10),
+            tmp_path / "c.png",
+        ),
+        visualize.save_figure(visualize.methods_grid(images, {"m1": maps[:, 0], "m2": maps[:, 1]}, ["x", "y"]), tmp_path / "d.png"),
+    ]
+    for path in paths:
+        with Image.open(path) as image:
+            assert image.size[0] > 100 and image.size[1] > 50
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "b.png", "c.png", "d.png"]
