@@ -68,6 +68,15 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--save-maps", action="store_true", help="also write maps and probabilities to maps.npz")
     _add_model_flags(explain)
 
+    explain.add_argument("--no-train", action="store_true", help="with no model anywhere, fail instead of training a quick one")
+    from explainkit.commands.train import add_train_parser
+
+    add_train_parser(sub, _positive_int, DEVICE_CHOICES)
+
+    from explainkit.commands.evaluate import add_evaluate_parser
+
+    add_evaluate_parser(sub, _positive_int, DEVICE_CHOICES)
+
     methods = sub.add_parser("methods", help="list registered explainers and the plugin of each")
     methods.add_argument("--json", action="store_true", help="machine-readable output")
     sub.add_parser("plugins", help="list loaded plugins as JSON")
@@ -104,7 +113,25 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     return run_explain(args)
 
 
-COMMANDS = {"explain": _cmd_explain, "methods": _cmd_methods, "plugins": _cmd_plugins}
+def _cmd_train(args: argparse.Namespace) -> int:
+    from explainkit.commands.train import run_train
+
+    return run_train(args)
+
+
+def _cmd_lr_find(args: argparse.Namespace) -> int:
+    from explainkit.commands.train import run_lr_find
+
+    return run_lr_find(args)
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from explainkit.commands.evaluate import run_evaluate
+
+    return run_evaluate(args)
+
+
+COMMANDS = {"evaluate": _cmd_evaluate, "train": _cmd_train, "lr-find": _cmd_lr_find, "explain": _cmd_explain, "methods": _cmd_methods, "plugins": _cmd_plugins}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -107,3 +107,19 @@ def correlation(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     a = a.flatten(1) - a.flatten(1).mean(1, keepdim=True)
     b = b.flatten(1) - b.flatten(1).mean(1, keepdim=True)
     return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1)).clamp_min(1e-12)
+
+
+@pytest.fixture(scope="session")
+def color_folder(tmp_path_factory) -> Path:
+    """A learnable fake CIFAR-10 ImageFolder: each class a distinct colour plus noise (8 train, 2 test)."""
+    root = tmp_path_factory.mktemp("color") / "data"
+    rng = np.random.default_rng(1)
+    palette = rng.integers(0, 256, (len(CIFAR10_CLASSES), 3))
+    for split, count in (("train", 8), ("test", 2)):
+        for k, name in enumerate(CIFAR10_CLASSES):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(count):
+                pixels = np.clip(palette[k] + rng.normal(0, 20, (32, 32, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i:04d}.png")
+    return root

@@ -86,8 +86,53 @@ def test_bad_checkpoints(capsys, tiny_folder, tmp_path, random_checkpoint, kind)
 
 
 def test_no_model_anywhere_gives_the_command(capsys, tiny_folder, tmp_path):
-    code, _, err = _run(capsys, "explain", "--models-dir", str(tmp_path / "empty"), "--data-dir", str(tiny_folder), "--out", str(tmp_path / "out"))
+    code, _, err = _run(capsys, "explain", "--no-train", "--models-dir", str(tmp_path / "empty"), "--data-dir", str(tiny_folder), "--out", str(tmp_path / "out"))
     _assert_clean_failure(code, err, "--checkpoint", "python -m explainkit train")
+
+
+def test_explain_on_a_fresh_machine_trains_a_quick_model_first(capsys, color_folder, tmp_path):
+    store = tmp_path / "store"
+    code, out, err = _run(capsys, "explain", "--models-dir", str(store), "--data-dir", str(color_folder),
+                          "--out", str(tmp_path / "out"), "--device", "cpu", "--samples", "1", "--misclassified", "2")
+    assert code == 0, err
+    assert "'quick' CPU recipe" in err and "python -m explainkit train --recipe default" in err
+    assert (store / "resnet18-cifar10" / "model.pt").is_file()
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["model"].endswith("model.pt") and summary["images"] == 20
+
+
+@pytest.mark.parametrize(
+    "extra, fragment",
+    [(["--epochs", "0"], "--epochs"), (["--lr", "-0.5"], "--lr"), (["--lr", "fast"], "--lr")],
+)
+def test_train_bad_flags(capsys, extra, fragment, tmp_path):
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--out", str(tmp_path / "o"), *extra])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and fragment in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_train_data_dir_without_train_split(capsys, tmp_path, tiny_folder):
+    data = tmp_path / "only-test"
+    (data / "test" / "cat").mkdir(parents=True)
+    code, _, err = _run(capsys, "train", "--data-dir", str(data), "--out", str(tmp_path / "o"), "--device", "cpu")
+    _assert_clean_failure(code, err, "train/")
+
+
+def test_train_unwritable_out(capsys, tmp_path, tiny_folder):
+    blocker = tmp_path / "f"
+    blocker.write_text("")
+    code, _, err = _run(capsys, "train", "--data-dir", str(tiny_folder), "--out", str(blocker / "o"), "--device", "cpu")
+    _assert_clean_failure(code, err, "--out")
+
+
+def test_lr_find_command(capsys, color_folder, tmp_path):
+    code, out, err = _run(capsys, "lr-find", "--data-dir", str(color_folder), "--out", str(tmp_path), "--batch-size", "8",
+                          "--num-iter", "20", "--device", "cpu")
+    assert code == 0, err
+    assert "suggested LR" in out and (tmp_path / "lr_find.png").is_file()
 
 
 def test_wrong_data_dir_layout(capsys, random_checkpoint, tmp_path):

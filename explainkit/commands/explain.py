@@ -13,7 +13,8 @@ from explainkit.errors import ExplainkitError
 from explainkit.explain import explain_dataset, explain_images
 from explainkit.images import read_image
 from explainkit.io import ensure_writable_dir
-from explainkit.models import load_model, require_model_path
+from explainkit.commands.train import train_quick_for_explain
+from explainkit.models import load_model, newest_model, require_model_path, resnet18_cifar
 from explainkit.registry import get_explainer
 
 
@@ -28,7 +29,16 @@ def run_explain(args: argparse.Namespace) -> int:
     # Everything that can be wrong is checked before anything is written.
     methods = parse_methods(args.methods)
     device = select_device(args.device)
-    checkpoint = require_model_path(args.checkpoint, args.models_dir)
+    if args.checkpoint or args.no_train or newest_model(args.models_dir) is not None:
+        checkpoint = require_model_path(args.checkpoint, args.models_dir)
+    else:  # a fresh machine: check what can be checked, then train a model to explain
+        for name in methods:
+            get_explainer(name, resnet18_cifar(10), layer=args.layer)
+        if args.image:
+            for path in args.image:
+                read_image(path, (32, 32))
+        ensure_writable_dir(args.out)
+        checkpoint = train_quick_for_explain(args)
     model = load_model(checkpoint, map_location=device)
     card = model.card
     explainers = {name: get_explainer(name, model, layer=args.layer) for name in methods}

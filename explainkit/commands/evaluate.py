@@ -1,0 +1,106 @@
+"""``explainkit evaluate``: faithfulness metrics on test images, or the synthetic ground-truth task."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import Subset
+
+from explainkit.commands.explain import parse_methods
+from explainkit.data import data_dir_from_env, load_split
+from explainkit.device import select_device
+from explainkit.errors import ExplainkitError
+from explainkit.evaluation import run
+from explainkit.io import ensure_writable_dir, write_json
+from explainkit.models import load_model, require_model_path
+from explainkit.registry import registrations
+from explainkit.visualize import save_figure
+
+FAITHFULNESS_COLUMNS = ["deletion_auc", "insertion_auc", "average_drop", "increase_in_confidence", "road_morf", "road_lerf"]
+SKIPPABLE = ("deletion", "confidence", "road", "sanity")
+
+
+def add_evaluate_parser(sub, positive_int, device_choices) -> None:
+    evaluate = sub.add_parser("evaluate", help="faithfulness metrics per method, with 95% CIs; --synthetic for ground truth")
+    evaluate.add_argument("--methods", "--method", dest="methods", default="gradcam,gradcam++,captum-gradcam")
+    evaluate.add_argument("--layer", help="layer for every method (default: the model's default layer)")
+    evaluate.add_argument("--limit", type=positive_int, default=200, help="test images, evenly spaced (default 200)")
+    evaluate.add_argument("--steps", type=positive_int, default=32, help="deletion/insertion steps (default 32)")
+    evaluate.add_argument("--checkpoint")
+    evaluate.add_argument("--models-dir")
+    evaluate.add_argument("--data-dir")
+    evaluate.add_argument("--batch-size", type=positive_int, default=128)
+    evaluate.add_argument("--device", choices=device_choices, default="auto")
+    evaluate.add_argument("--out", default="outputs/evaluate")
+    evaluate.add_argument("--json", help="metrics file (default OUT/metrics.json)")
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--skip", default="", help=f"comma-separated parts to skip: {', '.join(SKIPPABLE)}")
+    evaluate.add_argument("--synthetic", action="store_true", help="the ground-truth localisation benchmark instead")
+
+
+def _factories(methods: list[str], layer: str | None):
+    found = registrations()
+    from explainkit.registry import get_explainer
+
+    for name in methods:
+        if name not in found:
+            get_explainer(name, torch.nn.Identity())  # raises the standard unknown-method error
+    return {name: (lambda model, name=name: get_explainer(name, model, layer=layer)) for name in methods}
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    methods = parse_methods(args.methods)
+    skip = frozenset(s.strip() for s in args.skip.split(",") if s.strip())
+    unknown = skip - set(SKIPPABLE)
+    if unknown:
+        raise ExplainkitError(f"--skip: unknown part(s) {', '.join(sorted(unknown))}; choose from {', '.join(SKIPPABLE)}")
+    device = select_device(args.device)
+    started = time.perf_counter()
+    if args.synthetic:
+        from explainkit.evaluation import synthetic
+
+        factories = _factories(methods, args.layer or synthetic.LAST_CONV)
+        for name, factory in factories.items():  # validate layer/method before the training
+            factory(synthetic.small_cnn())
+        out = ensure_writable_dir(args.out)
+        backgrounds = None
+        if data_dir_from_env(args.data_dir) is not None:
+            from explainkit.card import ModelCard
+
+            card = ModelCard()
+            split = load_split("test", card, args.data_dir)
+            picks = torch.linspace(0, len(split) - 1, 2000).long().tolist()
+            backgrounds = card.denormalize(torch.stack([split[i][0] for i in picks]))
+        results, _, _ = run.evaluate_synthetic(factories, seed=args.seed, backgrounds=backgrounds)
+        columns = ["pointing_game", "energy_in_box"]
+    else:
+        checkpoint = require_model_path(args.checkpoint, args.models_dir)
+        model = load_model(checkpoint, map_location=device)
+        factories = _factories(methods, args.layer)
+        layer_name = factories[methods[0]](model).layer_name if hasattr(factories[methods[0]](model), "layer_name") else args.layer
+        dataset = load_split("test", model.card, args.data_dir)
+        out = ensure_writable_dir(args.out)
+        picks = torch.linspace(0, len(dataset) - 1, min(args.limit, len(dataset))).long().tolist()
+        images = torch.stack([x for x, _ in Subset(dataset, picks)]).to(device)
+        results, curves = run.evaluate_faithfulness(
+            model, model.card, factories, images, args.layer, steps=args.steps, batch_size=args.batch_size, seed=args.seed, skip=skip
+        )
+        results["meta"] = {
+            "model": str(checkpoint), "layer": layer_name, "images": len(images), "steps": args.steps, "device": str(device),
+            "seconds": round(time.perf_counter() - started, 1), "seed": args.seed, "skipped": sorted(skip),
+        }
+        if curves:
+            save_figure(run.curves_figure(curves), out / "deletion_insertion.png")
+        if "sanity" not in skip:
+            save_figure(run.sanity_figure(results), out / "sanity.png")
+        columns = [c for c in FAITHFULNESS_COLUMNS if any(c in v for k, v in results.items() if k != "meta")]
+    results = {"schema_version": run.SCHEMA_VERSION, **results}
+    json_path = Path(args.json) if args.json else out / "metrics.json"
+    write_json(json_path, results)
+    print(run.format_table({k: v for k, v in results.items() if k != "schema_version"}, columns))
+    print(json_path, file=sys.stderr)
+    return 0

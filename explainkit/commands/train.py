@@ -1,0 +1,127 @@
+"""``explainkit train`` and ``explainkit lr-find``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch.nn as nn
+
+from explainkit.card import ModelCard
+from explainkit.device import select_device
+from explainkit.errors import ExplainkitError
+from explainkit.io import ensure_writable_dir
+from explainkit.training.recipes import resolve_recipe
+
+DEFAULT_OUT = Path("models") / "resnet18-cifar10"
+
+
+def default_train_out(models_dir: str | None) -> Path:
+    from explainkit.models import models_dir as store
+
+    return store(models_dir) / DEFAULT_OUT.name
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from explainkit.training.trainer import train
+
+    recipe = resolve_recipe(
+        args.recipe, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
+        train_limit=args.train_limit, test_limit=args.test_limit,
+    )
+    device = select_device(args.device)
+    out = ensure_writable_dir(args.out or default_train_out(getattr(args, "models_dir", None)))
+    print(f"training resnet18-cifar with the {recipe.name!r} recipe on {device} into {out}/", file=sys.stderr)
+    result = train(recipe, out, data_dir=args.data_dir, device=device, seed=args.seed, resume=args.resume, workers=args.workers)
+    print(f"test accuracy {100 * result.test_accuracy:.2f}% after {len(result.history)} epochs", file=sys.stderr)
+    for path in result.outputs:
+        print(path)
+    return 0
+
+
+def run_lr_find(args: argparse.Namespace) -> int:
+    from explainkit.models import resnet18_cifar
+    from explainkit.training.trainer import _limit, _optimizer, load_datasets
+    from explainkit.training.lr_find import find_lr
+    from torch.utils.data import DataLoader
+    import torch
+
+    recipe = resolve_recipe("reference", batch_size=args.batch_size, train_limit=args.train_limit)
+    device = select_device(args.device)
+    out = ensure_writable_dir(args.out)
+    train_set, _, classes = load_datasets(args.data_dir, recipe, ModelCard())
+    train_set = _limit(train_set, recipe.train_limit, args.seed, spread=False)
+    torch.manual_seed(args.seed)
+    generator = torch.Generator().manual_seed(args.seed)
+    loader = DataLoader(train_set, batch_size=recipe.batch_size, shuffle=True, generator=generator,
+                        num_workers=1 if device.type == "cpu" else 8, pin_memory=device.type == "cuda")
+    model = resnet18_cifar(len(classes)).to(device)
+    suggested = find_lr(model, _optimizer(recipe, model, 1e-7), nn.CrossEntropyLoss(), loader, device, out, num_iter=args.num_iter)
+    print(f"suggested LR (steepest gradient): {suggested:.3e}")
+    print(out / "lr_find.png")
+    return 0
+
+
+def lr_value(text: str) -> float | str:
+    if text == "auto":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a positive number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"the learning rate must be positive, got {text}")
+    return value
+
+
+def add_train_parser(sub, positive_int, device_choices) -> None:
+    train = sub.add_parser("train", help="train a CIFAR ResNet18 (reference, default or quick recipe)")
+    train.add_argument("--recipe", choices=("default", "reference", "quick"), default="default",
+                       help="reference = the course run; default = our GPU recipe; quick = ~5 min on a CPU")
+    train.add_argument("--epochs", type=positive_int)
+    train.add_argument("--batch-size", type=positive_int)
+    train.add_argument("--lr", type=lr_value, help="OneCycle max LR, or 'auto' to run the LR range test first")
+    train.add_argument("--optimizer", choices=("adam", "sgd"))
+    train.add_argument("--data-dir", help="ImageFolder tree with train/ and test/ (default: torchvision CIFAR-10)")
+    train.add_argument("--out", help=f"output directory (default {DEFAULT_OUT}/ in the model store)")
+    train.add_argument("--models-dir", help="model store (default $EXPLAINKIT_MODELS_DIR or ./models)")
+    train.add_argument("--train-limit", type=positive_int, help="train on a seeded random subset of N images")
+    train.add_argument("--test-limit", type=positive_int, help="evaluate on N evenly spaced test images")
+    train.add_argument("--resume", action="store_true", help="continue from OUT/last.ckpt")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--workers", type=int, help="DataLoader workers (default: 1 on CPU, up to 8 on CUDA)")
+    train.add_argument("--device", choices=device_choices, default="auto")
+
+    lr_find = sub.add_parser("lr-find", help="LR range test: suggest a max LR and save lr_find.png")
+    lr_find.add_argument("--data-dir")
+    lr_find.add_argument("--out", default="outputs")
+    lr_find.add_argument("--batch-size", type=positive_int, default=512)
+    lr_find.add_argument("--train-limit", type=positive_int)
+    lr_find.add_argument("--num-iter", type=positive_int, default=100, help="batches in the sweep (default 100)")
+    lr_find.add_argument("--device", choices=device_choices, default="auto")
+    lr_find.add_argument("--seed", type=int, default=0)
+
+
+def train_quick_for_explain(args: argparse.Namespace) -> Path:
+    """``explain`` on a fresh machine: train the quick (CPU) or default (GPU) recipe into the store."""
+    device = select_device(args.device)
+    recipe_name = "default" if device.type == "cuda" else "quick"
+    out = default_train_out(args.models_dir)
+    if recipe_name == "quick":
+        print(
+            f"explainkit: no model in {out.parent}/; training one with the 'quick' CPU recipe (a few minutes, modest accuracy). "
+            "The full recipe needs a GPU: python -m explainkit train --recipe default"
+            + (f" --data-dir {args.data_dir}" if args.data_dir else "")
+            + ". Pass --no-train to stop here instead.",
+            file=sys.stderr,
+        )
+    else:
+        print(f"explainkit: no model in {out.parent}/; training one with the 'default' recipe on {device}", file=sys.stderr)
+    namespace = argparse.Namespace(
+        recipe=recipe_name, epochs=None, batch_size=None, lr=None, optimizer=None, train_limit=None, test_limit=None,
+        device=args.device, out=str(out), models_dir=args.models_dir, data_dir=args.data_dir, seed=0, resume=False, workers=None,
+    )
+    if run_train(namespace) != 0:
+        raise ExplainkitError("training failed")
+    return out / "model.pt"

@@ -1,0 +1,1 @@
+"""Training the models explainkit explains: recipes, augmentation, LR range test, the loop, reports."""

@@ -1,0 +1,124 @@
+"""Training reports: curves, normalised confusion matrix, misclassified grid, augmented samples."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+from torch.utils.data import Dataset, Subset  # noqa: E402
+
+from explainkit.card import ModelCard  # noqa: E402
+from explainkit.visualize import CELL, save_figure  # noqa: E402
+
+
+def curves_figure(history: Sequence[dict[str, float]]) -> plt.Figure:
+    """2x2: train loss, test loss, train accuracy, test accuracy per epoch."""
+    epochs = [row["epoch"] for row in history]
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7))
+    panels = [("train_loss", "Training loss"), ("test_loss", "Test loss"), ("train_accuracy", "Training accuracy (%)"), ("test_accuracy", "Test accuracy (%)")]
+    for ax, (key, title) in zip(axes.flat, panels):
+        values = [row[key] * (100 if "accuracy" in key else 1) for row in history]
+        ax.plot(epochs, values, marker="o", markersize=3)
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def normalized_confusion(confusion: torch.Tensor) -> torch.Tensor:
+    """Rows (true classes) scaled to sum to 1; an empty row stays 0."""
+    confusion = confusion.double()
+    totals = confusion.sum(dim=1, keepdim=True)
+    return confusion / torch.where(totals > 0, totals, torch.ones_like(totals))
+
+
+def confusion_figure(confusion: torch.Tensor, classes: Sequence[str]) -> plt.Figure:
+    matrix = normalized_confusion(confusion).numpy()
+    k = len(classes)
+    fig, ax = plt.subplots(figsize=(0.7 * k + 2, 0.7 * k + 1.5))
+    image = ax.imshow(matrix, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(k), classes, rotation=45, ha="right")
+    ax.set_yticks(range(k), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    if k <= 20:
+        for i in range(k):
+            for j in range(k):
+                ax.text(j, i, f"{matrix[i, j]:.2f}", ha="center", va="center", fontsize=7, color="white" if matrix[i, j] > 0.5 else "black")
+    fig.colorbar(image, ax=ax, fraction=0.046)
+    accuracy = float(confusion.diag().sum() / confusion.sum().clamp_min(1))
+    ax.set_title(f"Normalised confusion matrix (accuracy {100 * accuracy:.2f}%)")
+    fig.tight_layout()
+    return fig
+
+
+def misclassified_figure(model: nn.Module, dataset: Dataset, card: ModelCard, device: torch.device, total_wrong: int, total: int, count: int = 20) -> plt.Figure:
+    """A grid of wrong predictions titled ``Target | Predicted``, with the total count."""
+    model.eval()
+    wrong: list[tuple[torch.Tensor, int, int]] = []
+    batch = 256
+    with torch.inference_mode():
+        for start in range(0, len(dataset), batch):
+            items = [dataset[i] for i in range(start, min(start + batch, len(dataset)))]
+            images = torch.stack([x for x, _ in items])
+            labels = torch.tensor([y for _, y in items])
+            predicted = model(images.to(device)).argmax(1).cpu()
+            for index in (predicted != labels).nonzero().flatten().tolist():
+                wrong.append((images[index], int(labels[index]), int(predicted[index])))
+            if len(wrong) >= count:
+                break
+    wrong = wrong[:count]
+    cols = 5
+    rows = max(1, (len(wrong) + cols - 1) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(CELL * cols, CELL * rows + 0.8), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (image, target, predicted) in zip(axes.flat, wrong):
+        ax.imshow(card.denormalize(image[None])[0].permute(1, 2, 0).numpy())
+        ax.set_title(f"{card.classes[target]} | {card.classes[predicted]}", fontsize=8)
+    fig.suptitle(f"Misclassified (Target | Predicted): {total_wrong} of {total} test images", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def samples_figure(train_set: Dataset, card: ModelCard, per_class: int = 6) -> plt.Figure:
+    """Augmented training images, one row per class."""
+    base = train_set.dataset if isinstance(train_set, Subset) else train_set
+    indices = train_set.indices if isinstance(train_set, Subset) else range(len(base))
+    targets = getattr(base, "targets", None)
+    chosen: dict[int, list[int]] = {k: [] for k in range(len(card.classes))}
+    for index in indices:
+        label = int(targets[index]) if targets is not None else int(base[index][1])
+        if len(chosen[label]) < per_class:
+            chosen[label].append(index)
+        if all(len(v) == per_class for v in chosen.values()):
+            break
+    k = len(card.classes)
+    fig, axes = plt.subplots(k, per_class, figsize=(CELL * 0.8 * per_class, CELL * 0.8 * k), squeeze=False)
+    for label, row in zip(range(k), axes):
+        for col, ax in enumerate(row):
+            ax.axis("off")
+            if col < len(chosen[label]):
+                image, _ = base[chosen[label][col]]
+                ax.imshow(card.denormalize(image[None])[0].permute(1, 2, 0).numpy())
+        row[0].set_title(card.classes[label], fontsize=8, loc="left")
+    fig.suptitle("Augmented training samples", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def write_reports(out: Path, history, confusion: torch.Tensor, model: nn.Module, test_set: Dataset, train_set: Dataset, card: ModelCard, device: torch.device) -> list[Path]:
+    total, wrong = int(confusion.sum()), int(confusion.sum() - confusion.diag().sum())
+    return [
+        save_figure(curves_figure(history), out / "curves.png"),
+        save_figure(confusion_figure(confusion, card.classes), out / "confusion_matrix.png"),
+        save_figure(misclassified_figure(model, test_set, card, device, wrong, total), out / "misclassified.png"),
+        save_figure(samples_figure(train_set, card), out / "samples.png"),
+    ]

@@ -1,0 +1,98 @@
+"""Training: learning happens, checkpoints round-trip, SIGKILL + --resume, DDP with gloo."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import explainkit
+from explainkit.training.recipes import resolve_recipe
+from explainkit.training.trainer import load_checkpoint, train
+from tests.conftest import REPO
+
+
+def _recipe(**overrides):
+    base = dict(epochs=3, batch_size=16, lr=0.05, test_limit=None, train_limit=None)
+    base.update(overrides)
+    return resolve_recipe("quick", **base)
+
+
+@pytest.fixture(scope="module")
+def trained_run(color_folder, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    result = train(_recipe(), out, data_dir=color_folder, workers=0)
+    return out, result
+
+
+def test_loss_decreases_and_outputs_exist(trained_run):
+    out, result = trained_run
+    losses = [row["train_loss"] for row in result.history]
+    assert len(losses) == 3 and losses[-1] < losses[0]
+    for name in ("model.pt", "model.json", "last.ckpt", "history.csv", "curves.png", "confusion_matrix.png", "misclassified.png", "samples.png"):
+        assert (out / name).is_file(), name
+    assert not [p for p in out.iterdir() if ".tmp" in p.name]
+    with open(out / "history.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+
+
+def test_model_and_checkpoint_round_trip(trained_run, color_folder):
+    out, result = trained_run
+    model = explainkit.load_model(out / "model.pt")
+    card = model.card
+    assert card.epochs == 3 and card.test_accuracy == pytest.approx(result.test_accuracy, abs=1e-6)
+    assert card.extra["recipe"]["name"] == "quick" and "date" in card.extra and str(color_folder) in card.extra["dataset"]
+    state = load_checkpoint(out / "last.ckpt")
+    assert state["epoch"] == 3 and len(state["history"]) == 3
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(state["model"][key], value)
+
+
+def test_resume_after_sigkill(color_folder, tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "explainkit", "train", "--recipe", "quick", "--epochs", "4", "--batch-size", "8",
+           "--data-dir", str(color_folder), "--out", str(out), "--workers", "0", "--device", "cpu"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while not (out / "last.ckpt").exists():
+            assert proc.poll() is None and time.time() < deadline, "training ended before its first checkpoint"
+            time.sleep(0.2)
+        time.sleep(1.0)  # into the next epoch
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    killed_at = load_checkpoint(out / "last.ckpt")["epoch"]
+    assert 1 <= killed_at < 4
+    resumed = subprocess.run(cmd + ["--resume"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    state = load_checkpoint(out / "last.ckpt")
+    assert state["epoch"] == 4 and [row["epoch"] for row in state["history"]] == [1, 2, 3, 4]
+    assert explainkit.load_model(out / "model.pt").card.epochs == 4
+
+
+def test_ddp_two_gloo_processes(color_folder, tmp_path):
+    out = tmp_path / "ddp"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533"]
+    proc = subprocess.run(
+        torchrun + ["-m", "explainkit", "train", "--recipe", "quick", "--epochs", "1", "--batch-size", "8",
+                    "--test-limit", "19", "--data-dir", str(color_folder), "--out", str(out), "--workers", "0", "--device", "cpu"],
+        cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (proc.stdout + proc.stderr).count("Test set: Average loss") == 1  # only rank 0 reports
+    card = explainkit.load_model(out / "model.pt").card
+    assert card.extra["world_size"] == 2
+    assert card.extra["test_images"] == 19  # every test image exactly once: no padded duplicates
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["model.pt", "model.json", "last.ckpt", "history.csv", "curves.png", "confusion_matrix.png", "misclassified.png", "samples.png"]
+    )
