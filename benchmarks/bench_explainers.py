@@ -43,7 +43,7 @@ def prepared(setting, bench_model):
     return model, images, device, batch, dtype
 
 
-def measure(benchmark, prepared, case: str, fn, layer: str = "-", rounds: int = 5):
+def measure(benchmark, prepared, case: str, fn, layer: str = "-", rounds: int = 15):
     model, images, device, batch, dtype = prepared
     group = f"{device.type}-b{batch}-{'bf16' if dtype else 'fp32'}"
     benchmark.group = group
@@ -64,7 +64,7 @@ def measure(benchmark, prepared, case: str, fn, layer: str = "-", rounds: int = 
 
 def test_forward_floor(benchmark, prepared):
     model, images, _, _, dtype = prepared
-    measure(benchmark, prepared, "forward (inference_mode)", cases.forward(model, images, dtype), rounds=7)
+    measure(benchmark, prepared, "forward (inference_mode)", cases.forward(model, images, dtype), rounds=21)
 
 
 @pytest.mark.parametrize("layer", LAYERS)

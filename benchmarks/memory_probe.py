@@ -3,20 +3,28 @@
     python -m benchmarks.memory_probe CASE DEVICE BATCH
 
 CASE is ``forward`` or ``all-layer4`` (gradcam, every class at layer4). Prints the peak bytes the
-case added: on CUDA ``torch.cuda.max_memory_allocated`` above the resident model and input, on
-CPU the rise of the process's peak RSS (``ru_maxrss``) above its RSS before the call.
+case added: on CUDA ``torch.cuda.max_memory_allocated`` above the resident model and input; on
+CPU (Linux) the process's RSS high-water mark (``VmHWM``, reset through ``/proc/self/clear_refs``
+just before the call) above its RSS before the call. ``ru_maxrss`` is no good here: Linux keeps
+it across ``exec``, so a child of a large pytest process inherits the parent's peak.
 """
 
 from __future__ import annotations
 
-import resource
 import sys
+from pathlib import Path
 
-import psutil
 import torch
 
 from benchmarks import cases
 from explainkit.models import resnet18_cifar
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def main(case: str, device_name: str, batch: int) -> int:
@@ -33,9 +41,10 @@ def main(case: str, device_name: str, batch: int) -> int:
         torch.cuda.synchronize()
         print(torch.cuda.max_memory_allocated() - before)
     else:
-        before = psutil.Process().memory_info().rss
+        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+        before = _status_kib("VmRSS")
         run()
-        print(max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before))
+        print(max(0, _status_kib("VmHWM") - before) * 1024)
     return 0
 
 

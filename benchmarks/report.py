@@ -86,7 +86,7 @@ def write_results(benchmarks, path: Path) -> None:
         "",
         "Protocol: all cases in one process, same model (ResNet18-CIFAR, random init — speed does not",
         "depend on the weights), batch, device and threads; one warm-up round, then the median of",
-        "rounds (5; 7 for the forward; 3 for ten-call cases; 1 end to end); CUDA synchronised.",
+        "rounds (15; 21 for the forward; 3 for ten-call cases; 1 end to end); CUDA synchronised.",
         "Ratio = images/s of the case / images/s of plain inference (`torch.inference_mode`) in the same group.",
         "",
     ]

@@ -19,7 +19,7 @@ from tests.conftest import REPO
 
 
 def _recipe(**overrides):
-    base = dict(epochs=3, batch_size=16, lr=0.05, test_limit=None, train_limit=None)
+    base = dict(epochs=3, batch_size=16, lr=0.01, test_limit=None, train_limit=None)
     base.update(overrides)
     return resolve_recipe("quick", **base)
 

@@ -59,6 +59,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if unknown:
         raise ExplainkitError(f"--skip: unknown part(s) {', '.join(sorted(unknown))}; choose from {', '.join(SKIPPABLE)}")
     device = select_device(args.device)
+    if args.json:
+        ensure_writable_dir(Path(args.json).parent or Path("."), "--json")
     started = time.perf_counter()
     if args.synthetic:
         from explainkit.evaluation import synthetic
@@ -81,7 +83,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         checkpoint = require_model_path(args.checkpoint, args.models_dir)
         model = load_model(checkpoint, map_location=device)
         factories = _factories(methods, args.layer)
-        layer_name = factories[methods[0]](model).layer_name if hasattr(factories[methods[0]](model), "layer_name") else args.layer
+        layer_name = getattr(factories[methods[0]](model), "layer_name", args.layer)  # also validates --layer
         dataset = load_split("test", model.card, args.data_dir)
         out = ensure_writable_dir(args.out)
         picks = torch.linspace(0, len(dataset) - 1, min(args.limit, len(dataset))).long().tolist()
