@@ -9,6 +9,7 @@ from pathlib import Path
 import torch.nn as nn
 
 from explainkit.card import ModelCard
+from explainkit.data import check_image_folder, data_dir_from_env
 from explainkit.device import select_device
 from explainkit.errors import ExplainkitError
 from explainkit.io import ensure_writable_dir
@@ -31,6 +32,9 @@ def run_train(args: argparse.Namespace) -> int:
         train_limit=args.train_limit, test_limit=args.test_limit,
     )
     device = select_device(args.device)
+    root = data_dir_from_env(args.data_dir)
+    if root is not None:  # fail on a bad layout before creating anything
+        check_image_folder(root, ("train", "test"))
     out = ensure_writable_dir(args.out or default_train_out(getattr(args, "models_dir", None)))
     print(f"training resnet18-cifar with the {recipe.name!r} recipe on {device} into {out}/", file=sys.stderr)
     result = train(recipe, out, data_dir=args.data_dir, device=device, seed=args.seed, resume=args.resume, workers=args.workers)

@@ -24,7 +24,11 @@ class _Baseline(Explainer):
 
     def _forward(self, images: torch.Tensor):
         shape = {}
-        handle = self.layer.register_forward_hook(lambda m, i, o: shape.setdefault("hw", tuple(o.shape[-2:])))
+
+        def record(module, inputs, output) -> None:
+            shape.setdefault("hw", tuple(output.shape[-2:]))
+
+        handle = self.layer.register_forward_hook(record)
         try:
             with torch.no_grad():
                 logits = self.model(images)

@@ -60,6 +60,7 @@ def evaluate_faithfulness(
     batch_size: int = 128,
     seed: int = 0,
     skip: frozenset[str] = frozenset(),
+    baselines: tuple[str, ...] = BASELINES,
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Scores for each method in ``factories`` (``model -> explainer``) and each baseline.
 
@@ -69,7 +70,7 @@ def evaluate_faithfulness(
     with torch.inference_mode():
         targets = torch.cat([model(images[s : s + batch_size]).argmax(1) for s in range(0, len(images), batch_size)])
     candidates: dict[str, Callable[[nn.Module], Callable]] = dict(factories)
-    for name in BASELINES:
+    for name in baselines:
         candidates[name] = lambda m, name=name: make_baseline(name, m, layer, seed=seed)
     results: dict[str, Any] = {}
     curves: dict[str, torch.Tensor] = {}
