@@ -65,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--samples", type=_non_negative_int, default=3, help="images in per_class.png (default 3)")
     explain.add_argument("--misclassified", type=_non_negative_int, default=10, help="rows in misclassified.png (default 10)")
     explain.add_argument("--limit", type=_positive_int, help="test images scanned, evenly spaced over the split (default: all)")
+    explain.add_argument("--bf16", action="store_true", help="run the model under bf16 autocast (gradcam, gradcam++; for CUDA)")
     explain.add_argument("--save-maps", action="store_true", help="also write maps and probabilities to maps.npz")
     _add_model_flags(explain)
 

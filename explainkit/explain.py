@@ -35,13 +35,13 @@ class ExplainResult:
     outputs: list[Path] = field(default_factory=list)
 
 
-def _explain_batch(explainer: Any, images: torch.Tensor, targets: Any) -> Explanation:
+def _explain_batch(explainer: Any, model: nn.Module, images: torch.Tensor, targets: Any) -> Explanation:
     """Explanations from our explainers, or from any plugin callable that only returns maps."""
     if hasattr(explainer, "explain"):
         return explainer.explain(images, targets)
     maps = explainer(images, targets)
     with torch.no_grad():
-        logits = explainer.model(images) if hasattr(explainer, "model") else None
+        logits = model(images)
     return Explanation(maps, logits, None)
 
 
@@ -88,10 +88,12 @@ def scan(
     model.eval()
     for images, batch_labels in tqdm(loader, desc="explain" if explainers else "scan", unit="batch", delay=2, leave=False):
         images = images.to(device, non_blocking=True)
+        if device.type == "cuda":
+            images = images.contiguous(memory_format=torch.channels_last)
         if explainers:
             logits = None
             for name, explainer in explainers.items():
-                result = _explain_batch(explainer, images, None)
+                result = _explain_batch(explainer, model, images, None)
                 maps[name].append(result.maps.to(torch.float16).cpu())
                 logits = result.logits if logits is None else logits
         else:
@@ -154,26 +156,26 @@ def explain_dataset(
     sample_images, sample_labels = _stack(dataset, sample_indices)
     if len(sample_indices):
         batch = sample_images.to(device)
-        per_class = _explain_batch(primary, batch, "all")
+        per_class = _explain_batch(primary, model, batch, "all")
         figure = visualize.per_class_grid(
             card.denormalize(sample_images),
             per_class.maps.cpu(),
             per_class.probabilities.cpu(),
             classes,
             labels=[f"true: {classes[y]}" for y in sample_labels.tolist()],
-            title=f"{primary_name} @ {primary.layer_name}: CAM for every class (probability)",
+            title=f"{primary_name} @ {getattr(primary, 'layer_name', '-')}: CAM for every class (probability)",
         )
         outputs.append(visualize.save_figure(figure, out / "per_class.png"))
         if len(explainers) > 1:
-            outputs.append(_methods_figure(explainers, batch, card, out, sample_labels))
+            outputs.append(_methods_figure(explainers, model, batch, card, out, sample_labels))
 
     wrong_indices = wrong[:misclassified].tolist()
     wrong_images, wrong_labels = _stack(dataset, wrong_indices)
     wrong_predicted = predictions[wrong_indices] if wrong_indices else torch.empty(0, dtype=torch.long)
     if wrong_indices:
         batch = wrong_images.to(device)
-        predicted_maps = _explain_batch(primary, batch, wrong_predicted.to(device)).maps.cpu()
-        true_maps = _explain_batch(primary, batch, wrong_labels.to(device)).maps.cpu()
+        predicted_maps = _explain_batch(primary, model, batch, wrong_predicted.to(device)).maps.cpu()
+        true_maps = _explain_batch(primary, model, batch, wrong_labels.to(device)).maps.cpu()
     else:
         predicted_maps = true_maps = torch.empty(0)
     figure = visualize.misclassified_grid(
@@ -186,7 +188,7 @@ def explain_dataset(
         classes,
         total_wrong=len(wrong),
         scanned=len(labels),
-        title=f"{primary_name} @ {primary.layer_name}",
+        title=f"{primary_name} @ {getattr(primary, 'layer_name', '-')}",
     )
     outputs.append(visualize.save_figure(figure, out / "misclassified.png"))
 
@@ -205,7 +207,7 @@ def explain_dataset(
     summary = {
         "schema_version": SCHEMA_VERSION,
         **(meta or {}),
-        "layer": primary.layer_name,
+        "layer": getattr(primary, "layer_name", None),
         "methods": list(explainers),
         "images": images,
         "accuracy": round(float((predictions == labels).double().mean()), 6) if images else None,
@@ -222,8 +224,8 @@ def explain_dataset(
     return ExplainResult(summary, outputs + [out / "summary.json"])
 
 
-def _methods_figure(explainers: dict[str, Any], batch: torch.Tensor, card: ModelCard, out: Path, labels: torch.Tensor | None) -> Path:
-    results = {name: _explain_batch(explainer, batch, None) for name, explainer in explainers.items()}
+def _methods_figure(explainers: dict[str, Any], model: nn.Module, batch: torch.Tensor, card: ModelCard, out: Path, labels: torch.Tensor | None) -> Path:
+    results = {name: _explain_batch(explainer, model, batch, None) for name, explainer in explainers.items()}
     first = next(iter(results.values()))
     predicted = first.probabilities.argmax(dim=1).cpu().tolist()
     row_labels = []
@@ -257,7 +259,7 @@ def explain_images(
     primary_name, primary = next(iter(explainers.items()))
     started = time.perf_counter()
     batch = images.to(device)
-    per_class = _explain_batch(primary, batch, "all")
+    per_class = _explain_batch(primary, model, batch, "all")
     probabilities = per_class.probabilities.cpu()
     confidence, predicted = probabilities.max(dim=1)
     outputs = [
@@ -268,21 +270,21 @@ def explain_images(
                 probabilities,
                 card.classes,
                 labels=[Path(n).name for n in names],
-                title=f"{primary_name} @ {primary.layer_name}: CAM for every class (probability)",
+                title=f"{primary_name} @ {getattr(primary, 'layer_name', '-')}: CAM for every class (probability)",
             ),
             out / "per_class.png",
         )
     ]
     if len(explainers) > 1:
-        outputs.append(_methods_figure(explainers, batch, card, out, None))
+        outputs.append(_methods_figure(explainers, model, batch, card, out, None))
     if save_maps:
-        arrays = {f"maps_{name}": _explain_batch(e, batch, None).maps.cpu().numpy() for name, e in explainers.items()}
+        arrays = {f"maps_{name}": _explain_batch(e, model, batch, None).maps.cpu().numpy() for name, e in explainers.items()}
         _save_npz(out / "maps.npz", probabilities=probabilities.numpy(), **arrays)
         outputs.append(out / "maps.npz")
     summary = {
         "schema_version": SCHEMA_VERSION,
         **(meta or {}),
-        "layer": primary.layer_name,
+        "layer": getattr(primary, "layer_name", None),
         "methods": list(explainers),
         "images": len(names),
         "predictions": [

@@ -21,7 +21,8 @@ import pluggy
 from explainkit import hookspecs
 
 ENTRY_POINT_GROUP = hookspecs.PROJECT_NAME
-BUILTIN_PLUGINS = ("explainkit.default_plugins.builtin_explainers",)
+BUILTIN_NAME = "explainkit.builtin"
+BUILTIN_MODULE = "explainkit.default_plugins.builtin_explainers"
 
 _manager: pluggy.PluginManager | None = None
 _distributions: dict[str, tuple[str, str]] = {}  # plugin name -> (distribution, version)
@@ -69,9 +70,8 @@ def plugin_manager() -> pluggy.PluginManager:
         manager.add_hookspecs(hookspecs)
         for name in _names_from_env("EXPLAINKIT_DISABLE_PLUGINS") or ():
             manager.set_blocked(name)
-        for module_name in BUILTIN_PLUGINS:
-            if not manager.is_blocked("explainkit.builtin"):
-                manager.register(importlib.import_module(module_name), name="explainkit.builtin")
+        if not manager.is_blocked(BUILTIN_NAME):
+            manager.register(importlib.import_module(BUILTIN_MODULE), name=BUILTIN_NAME)
         _load_entry_points(manager)
         manager.check_pending()  # a misspelled hook implementation fails loudly here
         _manager = manager
@@ -107,7 +107,7 @@ def plugin_distribution(name: str) -> tuple[str, str]:
     """(distribution, version) that shipped the plugin called ``name``; tests' plugins are local."""
     if name in _distributions:
         return _distributions[name]
-    if name == "explainkit.builtin":
+    if name == BUILTIN_NAME:
         from explainkit import __version__
 
         return ("explainkit", __version__)

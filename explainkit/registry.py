@@ -82,6 +82,11 @@ def get_explainer(name: str, model: nn.Module, layer: str | nn.Module | None = N
         >>> cam = explainkit.get_explainer("gradcam", model, layer="layer4")
         >>> maps = cam(images)            # (N, H, W), each in [0, 1]
     """
+    return require_explainer(name).factory(model, layer=layer)
+
+
+def require_explainer(name: str) -> Registration:
+    """The registration for ``name``; :class:`UnknownExplainerError` listing the others if absent."""
     found = registrations()
     if name not in found:
         close = difflib.get_close_matches(name, found, n=1)
@@ -89,4 +94,4 @@ def get_explainer(name: str, model: nn.Module, layer: str | nn.Module | None = N
         raise UnknownExplainerError(
             f"unknown explainer {name!r}{hint}; registered: {', '.join(sorted(found)) or '(none)'}"
         )
-    return found[name].factory(model, layer=layer)
+    return found[name]

@@ -64,3 +64,14 @@ def test_explain_images(random_model, tmp_path):
                             images, ["a.png", "b.png"], tmp_path, torch.device("cpu"), save_maps=True)
     assert [p["image"] for p in result.summary["predictions"]] == ["a.png", "b.png"]
     assert (tmp_path / "per_class.png").exists() and (tmp_path / "maps.npz").exists()
+
+
+def test_a_plugin_that_only_returns_maps_still_gets_probabilities(random_model, tiny_folder, tmp_path):
+    def maps_only(images, targets=None, normalize=True):
+        return torch.rand(len(images), *images.shape[-2:]) if targets != "all" else torch.rand(len(images), 10, *images.shape[-2:])
+
+    dataset = load_split("test", ModelCard(), tiny_folder)
+    result = explain_dataset(random_model, ModelCard(), {"plain": maps_only, "gradcam": explainkit.get_explainer("gradcam", random_model)},
+                             dataset, tmp_path, torch.device("cpu"), samples=2, misclassified=2, batch_size=8, save_maps=True)
+    assert result.summary["images"] == 20
+    assert np.load(tmp_path / "maps.npz")["maps_plain"].shape == (20, 32, 32)

@@ -17,7 +17,7 @@ from explainkit.errors import ExplainkitError
 from explainkit.evaluation import run
 from explainkit.io import ensure_writable_dir, write_json
 from explainkit.models import load_model, require_model_path
-from explainkit.registry import registrations
+from explainkit.registry import require_explainer
 from explainkit.visualize import save_figure
 
 FAITHFULNESS_COLUMNS = ["deletion_auc", "insertion_auc", "average_drop", "increase_in_confidence", "road_morf", "road_lerf"]
@@ -43,13 +43,9 @@ def add_evaluate_parser(sub, positive_int, device_choices) -> None:
 
 
 def _factories(methods: list[str], layer: str | None):
-    found = registrations()
-    from explainkit.registry import get_explainer
-
-    for name in methods:
-        if name not in found:
-            get_explainer(name, torch.nn.Identity())  # raises the standard unknown-method error
-    return {name: (lambda model, name=name: get_explainer(name, model, layer=layer)) for name in methods}
+    """``model -> explainer`` per method, every name checked against the registry first."""
+    registered = {name: require_explainer(name) for name in methods}
+    return {name: (lambda model, r=r: r.factory(model, layer=layer)) for name, r in registered.items()}
 
 
 def run_evaluate(args: argparse.Namespace) -> int:

@@ -15,7 +15,7 @@ from explainkit.images import read_image
 from explainkit.io import ensure_writable_dir
 from explainkit.commands.train import train_quick_for_explain
 from explainkit.models import load_model, newest_model, require_model_path, resnet18_cifar
-from explainkit.registry import get_explainer
+from explainkit.registry import get_explainer, require_explainer
 
 
 def parse_methods(text: str) -> list[str]:
@@ -28,6 +28,8 @@ def parse_methods(text: str) -> list[str]:
 def run_explain(args: argparse.Namespace) -> int:
     # Everything that can be wrong is checked before anything is written.
     methods = parse_methods(args.methods)
+    for name in methods:
+        require_explainer(name)
     device = select_device(args.device)
     if args.checkpoint or args.no_train or newest_model(args.models_dir) is not None:
         checkpoint = require_model_path(args.checkpoint, args.models_dir)
@@ -41,7 +43,13 @@ def run_explain(args: argparse.Namespace) -> int:
         checkpoint = train_quick_for_explain(args)
     model = load_model(checkpoint, map_location=device)
     card = model.card
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
     explainers = {name: get_explainer(name, model, layer=args.layer) for name in methods}
+    if args.bf16:
+        for explainer in explainers.values():
+            if hasattr(explainer, "autocast"):  # our gradient CAMs: model in bf16, CAM maths in float32
+                explainer.autocast = torch.bfloat16
     meta = {"model": str(checkpoint), "architecture": card.architecture, "device": str(device)}
 
     if args.image:

@@ -44,25 +44,23 @@ class _Baseline(Explainer):
 
 
 class RandomMap(_Baseline):
+    """Uniform noise at the explained layer's resolution (``random``), or per pixel (``random-pixel``)."""
+
     name = "random"
+    per_pixel = False
 
     def compute(self, images, targets):
-        logits, (h, w) = self._forward(images)
+        logits, layer_hw = self._forward(images)
         resolved = resolve_targets(targets, logits)
         k = logits.shape[1] if isinstance(resolved, str) else 1
-        maps = self._random((len(images), k, h, w), images.device)
+        hw = tuple(images.shape[-2:]) if self.per_pixel else layer_hw
+        maps = self._random((len(images), k, *hw), images.device)
         return (maps if isinstance(resolved, str) else maps[:, 0]), logits, resolved
 
 
-class RandomPixelMap(_Baseline):
+class RandomPixelMap(RandomMap):
     name = "random-pixel"
-
-    def compute(self, images, targets):
-        logits, _ = self._forward(images)
-        resolved = resolve_targets(targets, logits)
-        k = logits.shape[1] if isinstance(resolved, str) else 1
-        maps = self._random((len(images), k, *images.shape[-2:]), images.device)
-        return (maps if isinstance(resolved, str) else maps[:, 0]), logits, resolved
+    per_pixel = True
 
 
 class CenterMap(_Baseline):

@@ -245,8 +245,10 @@ def train(
         generator.manual_seed(seed * 1000 + epoch)
         if ctx.enabled:
             sampler.set_epoch(epoch)
-        if workers == 0 and hasattr(train_set, "dataset"):
-            getattr(train_set.dataset, "transform", None).reseed(seed * 1000 + epoch)
+        if workers == 0:  # no worker_init_fn runs: seed the augmentation here
+            transform = getattr(getattr(train_set, "dataset", train_set), "transform", None)
+            if hasattr(transform, "reseed"):
+                transform.reseed(seed * 1000 + epoch)
         net.train()
         seen = torch.zeros((), device=device)
         correct = torch.zeros((), device=device)
