@@ -7,6 +7,9 @@ computed by ``benchmarks/report.py``.
 
 from __future__ import annotations
 
+import statistics
+import time
+
 import pytest
 import torch
 
@@ -44,6 +47,9 @@ def prepared(setting, bench_model):
 
 
 def measure(benchmark, prepared, case: str, fn, layer: str = "-", rounds: int = 15):
+    """Time ``fn`` with pytest-benchmark; before every round (untimed by it) also time one plain
+    forward, so each case carries its own interleaved floor: the machine's speed drifts between
+    cases on a shared CPU, and a ratio of medians measured minutes apart inherits that drift."""
     model, images, device, batch, dtype = prepared
     group = f"{device.type}-b{batch}-{'bf16' if dtype else 'fp32'}"
     benchmark.group = group
@@ -53,13 +59,25 @@ def measure(benchmark, prepared, case: str, fn, layer: str = "-", rounds: int = 
         machine=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
     )
 
-    def run():
-        result = fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return result
+    def synced(f):
+        def call():
+            result = f()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            return result
 
-    benchmark.pedantic(run, rounds=rounds, warmup_rounds=1, iterations=1)
+        return call
+
+    run, floor = synced(fn), synced(cases.forward(model, images, dtype))
+    floor_times: list[float] = []
+
+    def time_floor():
+        start = time.perf_counter()
+        floor()
+        floor_times.append(time.perf_counter() - start)
+
+    benchmark.pedantic(run, setup=time_floor, rounds=rounds, warmup_rounds=1, iterations=1)
+    benchmark.extra_info["floor_median_s"] = statistics.median(floor_times[1:] or floor_times)
 
 
 def test_forward_floor(benchmark, prepared):
