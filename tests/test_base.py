@@ -110,6 +110,15 @@ def test_works_under_no_grad_and_on_a_frozen_model(name, random_model, images):
 
 
 @pytest.mark.parametrize("name", BUILTINS)
+def test_inference_tensors_as_inputs_are_accepted(name, random_model, images):
+    with torch.inference_mode():
+        frozen_images = images.clone()
+        targets = random_model(frozen_images).argmax(1)
+    maps = explainkit.get_explainer(name, random_model)(frozen_images, targets)
+    torch.testing.assert_close(maps, explainkit.get_explainer(name, random_model)(images, targets.clone()), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", BUILTINS)
 def test_inference_mode_is_a_clear_error(name, random_model, images):
     explainer = explainkit.get_explainer(name, random_model)
     with torch.inference_mode(), pytest.raises(ExplainkitError, match="inference_mode"):

@@ -67,7 +67,7 @@ def evaluate_faithfulness(
     Returns the JSON-ready results and the mean deletion/insertion curves per method.
     """
     model.eval()
-    with torch.inference_mode():
+    with torch.no_grad():  # not inference_mode: targets feed explainers that record autograd graphs
         targets = torch.cat([model(images[s : s + batch_size]).argmax(1) for s in range(0, len(images), batch_size)])
     candidates: dict[str, Callable[[nn.Module], Callable]] = dict(factories)
     for name in baselines:

@@ -62,6 +62,8 @@ def resolve_targets(targets: Targets, logits: torch.Tensor) -> torch.Tensor | st
     (a short list is an error, never a silently truncated batch).
     """
     n, num_classes = logits.shape
+    if isinstance(targets, torch.Tensor) and targets.is_inference():
+        targets = targets.clone()  # made under inference_mode: unusable where autograd records
     if targets is None:
         return logits.argmax(dim=1)
     if isinstance(targets, str):
@@ -146,6 +148,8 @@ class Explainer(ABC):
     def explain(self, images: torch.Tensor, targets: Targets = None, normalize: bool = True) -> Explanation:
         """Like calling the explainer, but also returns the logits and the targets explained."""
         check_images(images)
+        if images.is_inference():  # e.g. a batch prepared under inference_mode
+            images = images.clone()
         with evaluation_mode(self.model):
             raw, logits, resolved = self.compute(images, targets)
         maps = postprocess(raw, tuple(images.shape[-2:]), normalize)
