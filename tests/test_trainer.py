@@ -96,3 +96,18 @@ def test_ddp_two_gloo_processes(color_folder, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == sorted(
         ["model.pt", "model.json", "last.ckpt", "history.csv", "curves.png", "confusion_matrix.png", "misclassified.png", "samples.png"]
     )
+
+
+@pytest.mark.parametrize("total_steps", [1, 3, 4, 5, 9, 200])
+def test_one_cycle_survives_tiny_runs(total_steps):
+    from explainkit.training.trainer import _scheduler
+
+    parameter = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([parameter], lr=0.1)
+    scheduler = _scheduler(resolve_recipe("quick"), optimizer, 0.1, total_steps)
+    lrs = []
+    for _ in range(total_steps):
+        optimizer.step()
+        scheduler.step()
+        lrs.append(optimizer.param_groups[0]["lr"])
+    assert all(lr > 0 for lr in lrs) and max(lrs) <= 0.1 + 1e-9

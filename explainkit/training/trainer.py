@@ -130,10 +130,12 @@ def _optimizer(recipe: Recipe, model: nn.Module, lr: float) -> torch.optim.Optim
 
 
 def _scheduler(recipe: Recipe, optimizer: torch.optim.Optimizer, max_lr: float, total_steps: int):
-    if recipe.schedule == "constant":
+    if recipe.schedule == "constant" or total_steps < 4:  # OneCycle needs a few steps per phase
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    # OneCycleLR divides by zero when the warm-up rounds to under two steps (tiny subsets).
+    pct_start = min(max(recipe.pct_start, 2.0 / total_steps), 0.5)
     return torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=max_lr, total_steps=total_steps, pct_start=recipe.pct_start, div_factor=recipe.div_factor,
+        optimizer, max_lr=max_lr, total_steps=total_steps, pct_start=pct_start, div_factor=recipe.div_factor,
         final_div_factor=recipe.final_div_factor, anneal_strategy=recipe.anneal_strategy, three_phase=False,
     )
 
