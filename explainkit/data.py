@@ -49,6 +49,26 @@ def check_image_folder(root: Path, splits: tuple[str, ...] = ("test",)) -> None:
             )
 
 
+def open_split(
+    split: str, transform: Callable, data_dir: str | Path | None = None, download: bool = True
+) -> tuple[Dataset, list[str]]:
+    """``(dataset, class names)`` for ``split`` of an ImageFolder tree or of torchvision's CIFAR-10."""
+    root = data_dir_from_env(data_dir)
+    if root is not None:
+        check_image_folder(root, (split,))
+        dataset = datasets.ImageFolder(str(root / split), transform=transform)
+        return dataset, list(dataset.classes)
+    target = cache_dir() / "cifar10"
+    try:
+        dataset = datasets.CIFAR10(str(target), train=split == "train", transform=transform, download=download)
+    except Exception as exc:  # no network, partial download, ...
+        raise DataError(
+            f"CIFAR-10 is not in {target} and could not be downloaded ({type(exc).__name__}); "
+            "pass --data-dir DIR with an ImageFolder tree of train/ and test/ splits"
+        ) from None
+    return dataset, list(CIFAR10_CLASSES)
+
+
 def load_split(
     split: str,
     card: ModelCard,
@@ -57,22 +77,7 @@ def load_split(
     download: bool = True,
 ) -> Dataset:
     """The ``split`` ("train"/"test") of the data, with classes checked against the model card."""
-    transform = transform or eval_transform(card)
-    root = data_dir_from_env(data_dir)
-    if root is not None:
-        check_image_folder(root, (split,))
-        dataset = datasets.ImageFolder(str(root / split), transform=transform)
-        classes = list(dataset.classes)
-    else:
-        target = cache_dir() / "cifar10"
-        try:
-            dataset = datasets.CIFAR10(str(target), train=split == "train", transform=transform, download=download)
-        except Exception as exc:  # no network, partial download, ...
-            raise DataError(
-                f"CIFAR-10 is not in {target} and could not be downloaded ({type(exc).__name__}); "
-                "pass --data-dir DIR with an ImageFolder tree of train/ and test/ splits"
-            ) from None
-        classes = list(CIFAR10_CLASSES)
+    dataset, classes = open_split(split, transform or eval_transform(card), data_dir, download)
     if classes != list(card.classes):
         raise DataError(
             f"the data's classes {classes[:10]}{'...' if len(classes) > 10 else ''} differ from the model card's "

@@ -46,7 +46,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 def run_lr_find(args: argparse.Namespace) -> int:
     from explainkit.models import resnet18_cifar
-    from explainkit.training.trainer import _limit, _optimizer, load_datasets
+    from explainkit.training.trainer import limit_dataset, load_datasets, make_optimizer
     from explainkit.training.lr_find import find_lr
     from torch.utils.data import DataLoader
     import torch
@@ -55,13 +55,13 @@ def run_lr_find(args: argparse.Namespace) -> int:
     device = select_device(args.device)
     out = ensure_writable_dir(args.out)
     train_set, _, classes = load_datasets(args.data_dir, recipe, ModelCard())
-    train_set = _limit(train_set, recipe.train_limit, args.seed, spread=False)
+    train_set = limit_dataset(train_set, recipe.train_limit, args.seed, spread=False)
     torch.manual_seed(args.seed)
     generator = torch.Generator().manual_seed(args.seed)
     loader = DataLoader(train_set, batch_size=recipe.batch_size, shuffle=True, generator=generator,
                         num_workers=1 if device.type == "cpu" else 8, pin_memory=device.type == "cuda")
     model = resnet18_cifar(len(classes)).to(device)
-    suggested = find_lr(model, _optimizer(recipe, model, 1e-7), nn.CrossEntropyLoss(), loader, device, out, num_iter=args.num_iter)
+    suggested = find_lr(model, make_optimizer(recipe, model, 1e-7), nn.CrossEntropyLoss(), loader, device, out, num_iter=args.num_iter)
     print(f"suggested LR (steepest gradient): {suggested:.3e}")
     print(out / "lr_find.png")
     return 0

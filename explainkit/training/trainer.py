@@ -25,7 +25,7 @@ from torch.utils.data.distributed import DistributedSampler
 from tqdm.auto import tqdm
 
 from explainkit.card import ModelCard
-from explainkit.data import check_image_folder, data_dir_from_env, eval_transform
+from explainkit.data import check_image_folder, data_dir_from_env, eval_transform, open_split
 from explainkit.errors import DataError, ExplainkitError
 from explainkit.io import atomic_path
 from explainkit.models import resnet18_cifar, save_model
@@ -49,32 +49,18 @@ class TrainResult:
 # --- data -------------------------------------------------------------------------------------
 def load_datasets(data_dir: str | Path | None, recipe: Recipe, card: ModelCard, download: bool = True) -> tuple[Dataset, Dataset, list[str]]:
     """(augmented train, plain test, classes) from an ImageFolder tree or torchvision's CIFAR-10."""
-    from torchvision import datasets
-
-    from explainkit.data import cache_dir
-
-    augment = AlbumentationsTransform(train_augmentation(recipe, card.mean, card.std, card.image_size[0]))
     root = data_dir_from_env(data_dir)
-    if root is not None:
+    if root is not None:  # both splits checked before either is read
         check_image_folder(root, ("train", "test"))
-        train = datasets.ImageFolder(str(root / "train"), transform=augment)
-        test = datasets.ImageFolder(str(root / "test"), transform=eval_transform(card))
-        if train.classes != test.classes:
-            raise DataError(f"--data-dir {root}: train/ and test/ have different classes")
-        return train, test, list(train.classes)
-    target = cache_dir() / "cifar10"
-    try:
-        train = datasets.CIFAR10(str(target), train=True, transform=augment, download=download)
-        test = datasets.CIFAR10(str(target), train=False, transform=eval_transform(card), download=download)
-    except Exception as exc:
-        raise DataError(
-            f"CIFAR-10 is not in {target} and could not be downloaded ({type(exc).__name__}); "
-            "pass --data-dir DIR with an ImageFolder tree of train/ and test/ splits"
-        ) from None
-    return train, test, list(train.classes)
+    augment = AlbumentationsTransform(train_augmentation(recipe, card.mean, card.std, card.image_size[0]))
+    train, classes = open_split("train", augment, data_dir, download)
+    test, test_classes = open_split("test", eval_transform(card), data_dir, download)
+    if classes != test_classes:
+        raise DataError(f"--data-dir {root}: train/ and test/ have different classes")
+    return train, test, classes
 
 
-def _limit(dataset: Dataset, limit: int | None, seed: int, spread: bool) -> Dataset:
+def limit_dataset(dataset: Dataset, limit: int | None, seed: int, spread: bool) -> Dataset:
     if limit is None or limit >= len(dataset):
         return dataset
     if spread:  # evenly spaced: every class of a class-sorted folder
@@ -123,7 +109,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 
 
 # --- the loop -----------------------------------------------------------------------------------
-def _optimizer(recipe: Recipe, model: nn.Module, lr: float) -> torch.optim.Optimizer:
+def make_optimizer(recipe: Recipe, model: nn.Module, lr: float) -> torch.optim.Optimizer:
     if recipe.optimizer == "adam":
         return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=recipe.weight_decay)
     return torch.optim.SGD(model.parameters(), lr=lr, momentum=recipe.momentum, nesterov=recipe.nesterov, weight_decay=recipe.weight_decay)
@@ -187,8 +173,8 @@ def train(
     card_template = ModelCard()
     train_set, test_set, classes = load_datasets(data_dir, recipe, card_template)
     num_classes = len(classes)
-    train_set = _limit(train_set, recipe.train_limit, seed, spread=False)
-    test_set = _limit(test_set, recipe.test_limit, seed, spread=True)
+    train_set = limit_dataset(train_set, recipe.train_limit, seed, spread=False)
+    test_set = limit_dataset(test_set, recipe.test_limit, seed, spread=True)
     test_shard = Subset(test_set, list(range(ctx.rank, len(test_set), ctx.world_size)))  # no padded duplicates
 
     torch.manual_seed(seed)
@@ -218,7 +204,7 @@ def train(
     if max_lr == "auto" and checkpoint is None:
         suggestion = [0.0]
         if ctx.is_main:
-            probe = _optimizer(recipe, model, 1e-7)
+            probe = make_optimizer(recipe, model, 1e-7)
             suggestion[0] = find_lr(model, probe, criterion, train_loader, device, out, num_iter=lr_find_iters)
             outputs.append(out / "lr_find.png")
             print(f"LR range test: steepest gradient at {suggestion[0]:.3e}; OneCycle max_lr = that", flush=True)
@@ -227,7 +213,7 @@ def train(
         max_lr = suggestion[0]
         recipe = replace(recipe, lr=max_lr)
     net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if ctx.enabled else model
-    optimizer = _optimizer(recipe, model, float(max_lr))
+    optimizer = make_optimizer(recipe, model, float(max_lr))
     scheduler = _scheduler(recipe, optimizer, float(max_lr), recipe.epochs * len(train_loader))
     history: list[dict[str, float]] = []
     start_epoch = 0
