@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-from captum.attr import LayerGradCam
 
 from explainkit.explainers.base import Explainer, Targets, resolve_targets
 
@@ -19,6 +18,8 @@ class CaptumGradCAM(Explainer):
     name = "captum-gradcam"
 
     def compute(self, images: torch.Tensor, targets: Targets):
+        from captum.attr import LayerGradCam  # imported on use: registering the name needs no captum
+
         with torch.no_grad():
             logits = self.model(images)
         resolved = resolve_targets(targets, logits)

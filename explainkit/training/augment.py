@@ -4,20 +4,24 @@ and silently fall back to other holes)."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
-import albumentations as A
 import numpy as np
 import torch
 
 from explainkit.training.recipes import Recipe
 
+if TYPE_CHECKING:  # albumentations (and opencv under it) loads only when the CPU path runs
+    import albumentations as A
+
 CUTOUT_SIZE = 16
 PADDED_SIZE = 40
 
 
-def train_augmentation(recipe: Recipe, mean: Sequence[float], std: Sequence[float], size: int = 32) -> A.Compose:
+def train_augmentation(recipe: Recipe, mean: Sequence[float], std: Sequence[float], size: int = 32) -> "A.Compose":
     """pad to 40 (black border) -> random crop 32 -> [flip] -> one 16x16 hole filled with the mean -> normalise."""
+    import albumentations as A
+
     steps: list = [
         A.PadIfNeeded(min_height=PADDED_SIZE * size // 32, min_width=PADDED_SIZE * size // 32, border_mode=0, fill=0),
         A.RandomCrop(height=size, width=size),
@@ -41,7 +45,7 @@ def train_augmentation(recipe: Recipe, mean: Sequence[float], std: Sequence[floa
 class AlbumentationsTransform:
     """PIL image -> augmented, normalised ``(3, H, W)`` float tensor (picklable for DataLoader workers)."""
 
-    def __init__(self, compose: A.Compose) -> None:
+    def __init__(self, compose: "A.Compose") -> None:
         self.compose = compose
 
     def __call__(self, image) -> torch.Tensor:

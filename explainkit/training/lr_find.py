@@ -7,17 +7,17 @@ import io
 import math
 from pathlib import Path
 
-import matplotlib
+from typing import Iterable
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-import torch.nn as nn  # noqa: E402
-from torch.utils.data import DataLoader  # noqa: E402
-from torch_lr_finder import LRFinder  # noqa: E402
+import torch
+import torch.nn as nn
+from matplotlib.figure import Figure
+from torch.utils.data import DataLoader
+from torch_lr_finder import LRFinder
+from torch_lr_finder.lr_finder import TrainDataLoaderIter
 
-from explainkit.errors import ExplainkitError  # noqa: E402
-from explainkit.visualize import save_figure  # noqa: E402
+from explainkit.errors import ExplainkitError
+from explainkit.visualize import save_figure
 
 START_LR = 1e-7
 END_LR = 10.0
@@ -28,33 +28,34 @@ def find_lr(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     criterion: nn.Module,
-    loader: DataLoader,
+    loader: DataLoader | Iterable,
     device: torch.device,
     out: Path | None = None,
     num_iter: int = 100,
 ) -> float:
     """Sweep the LR from 1e-7 to 10 over ``num_iter`` batches; return the steepest-gradient LR.
 
-    The model and optimizer are restored afterwards. Writes ``lr_find.png`` into ``out`` if given.
+    ``loader`` is a DataLoader or any re-iterable of ``(images, labels)`` batches (the
+    device-resident path's). The model and optimizer are restored afterwards. Writes
+    ``lr_find.png`` into ``out`` if given.
     """
     if num_iter < SKIP_START + SKIP_END + 2:
         raise ExplainkitError(f"the LR range test needs at least {SKIP_START + SKIP_END + 2} iterations, got {num_iter}")
     for group in optimizer.param_groups:
         group["lr"] = START_LR
     finder = LRFinder(model, optimizer, criterion, device=device)
+    batches = loader if isinstance(loader, DataLoader) else TrainDataLoaderIter(loader)
     try:
         with contextlib.redirect_stdout(io.StringIO()):  # it prints its own chatter
-            finder.range_test(loader, end_lr=END_LR, num_iter=num_iter, step_mode="exp")
-            fig, ax = plt.subplots(figsize=(6, 4))
+            finder.range_test(batches, end_lr=END_LR, num_iter=num_iter, step_mode="exp")
+            fig = Figure(figsize=(6, 4))
+            ax = fig.subplots()
             ax, suggested = finder.plot(skip_start=SKIP_START, skip_end=SKIP_END, ax=ax, suggest_lr=True)
     finally:
         finder.reset()
     if suggested is None or not math.isfinite(suggested):
-        plt.close(fig)
         raise ExplainkitError("the LR range test found no usable learning rate (the loss never decreased); pass --lr")
     ax.set_title(f"LR range test: steepest gradient at {suggested:.2e}")
     if out is not None:
         save_figure(fig, Path(out) / "lr_find.png")
-    else:
-        plt.close(fig)
     return float(suggested)
