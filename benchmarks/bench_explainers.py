@@ -91,6 +91,8 @@ def test_ours_single_target(benchmark, prepared, name, layer):
     model, images, _, _, dtype = prepared
     if name == "captum-gradcam" and dtype is not None:
         pytest.skip("captum-gradcam has no autocast option")
+    if name == "captum-gradcam":
+        pytest.importorskip("captum")
     measure(benchmark, prepared, f"{name} single target", cases.ours(name, model, images, layer, dtype=dtype), layer)
 
 
@@ -106,34 +108,35 @@ def test_ours_ten_single_calls(benchmark, prepared, layer):
     measure(benchmark, prepared, "gradcam 10 single-target calls", cases.ours_ten_calls(model, images, layer, dtype), layer, rounds=3)
 
 
-def _fp32_only(prepared):
+def _fp32_only(prepared, peer: str):
     if prepared[4] is not None:
         pytest.skip("peers run in fp32 (pytorch-grad-cam converts to numpy)")
+    pytest.importorskip(peer)
 
 
 @pytest.mark.parametrize("layer", LAYERS)
 def test_pytorch_grad_cam_ten_calls(benchmark, prepared, layer):
-    _fp32_only(prepared)
+    _fp32_only(prepared, "pytorch_grad_cam")
     model, images = prepared[:2]
     measure(benchmark, prepared, "pytorch-grad-cam GradCAM 10 calls", cases.pgc("gradcam", model, images, layer, range(10)), layer, rounds=3)
 
 
 @pytest.mark.parametrize("layer", LAYERS)
 def test_captum_ten_calls(benchmark, prepared, layer):
-    _fp32_only(prepared)
+    _fp32_only(prepared, "captum")
     model, images = prepared[:2]
     measure(benchmark, prepared, "captum LayerGradCam 10 calls", cases.captum(model, images, layer, range(10)), layer, rounds=3)
 
 
 @pytest.mark.parametrize("method", ["gradcam", "gradcam++"])
 def test_pytorch_grad_cam_single_target(benchmark, prepared, method):
-    _fp32_only(prepared)
+    _fp32_only(prepared, "pytorch_grad_cam")
     model, images = prepared[:2]
     label = {"gradcam": "GradCAM", "gradcam++": "GradCAMPlusPlus"}[method]
     measure(benchmark, prepared, f"pytorch-grad-cam {label} single target", cases.pgc(method, model, images, "layer4"), "layer4")
 
 
 def test_captum_single_target(benchmark, prepared):
-    _fp32_only(prepared)
+    _fp32_only(prepared, "captum")
     model, images = prepared[:2]
     measure(benchmark, prepared, "captum LayerGradCam single target", cases.captum(model, images, "layer4"), "layer4")

@@ -10,10 +10,6 @@ from contextlib import nullcontext
 from typing import Callable
 
 import torch
-from captum.attr import LayerGradCam
-from pytorch_grad_cam import GradCAM as PgcGradCAM
-from pytorch_grad_cam import GradCAMPlusPlus as PgcGradCAMPlusPlus
-from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 import explainkit
 from explainkit.explainers.gradient import GradCAM, GradCAMPlusPlus
@@ -50,6 +46,10 @@ def ours_ten_calls(model, images, layer: str, dtype=None) -> Callable[[], object
 
 def pgc(method: str, model, images, layer: str, classes=(None,)) -> Callable[[], object]:
     """pytorch-grad-cam, one call per class in ``classes`` (None = its predicted class)."""
+    from pytorch_grad_cam import GradCAM as PgcGradCAM  # peers import on use: the GPU image lacks them
+    from pytorch_grad_cam import GradCAMPlusPlus as PgcGradCAMPlusPlus
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
     method_class = {"gradcam": PgcGradCAM, "gradcam++": PgcGradCAMPlusPlus}[method]
     target_layer = model.get_submodule(layer)
 
@@ -66,6 +66,8 @@ def pgc(method: str, model, images, layer: str, classes=(None,)) -> Callable[[],
 
 def captum(model, images, layer: str, classes=(None,)) -> Callable[[], object]:
     """Captum LayerGradCam, one call per class (None = predicted class, which costs a forward)."""
+    from captum.attr import LayerGradCam
+
     grad_cam = LayerGradCam(model, model.get_submodule(layer))
 
     def run():

@@ -22,6 +22,9 @@ def pytest_addoption(parser):
     group = parser.getgroup("explainkit benchmarks")
     group.addoption("--write-results", action="store_true", help=f"write {RESULTS.name} after a --benchmark-only run")
     group.addoption("--e2e-images", type=int, default=None, help="images explained end to end (default 2000 CPU, whole split CUDA)")
+    group.addoption("--results-path", default=str(RESULTS), help=f"where --write-results writes (default {RESULTS})")
+    group.addoption("--bench-size", choices=("full", "toy"), default="full",
+                    help="toy: time every case at batch 4 (the GPU script's --dry-run)")
 
 
 def pytest_configure(config):
@@ -30,6 +33,10 @@ def pytest_configure(config):
 
 
 def full_size(config) -> bool:
+    return bool(config.getoption("benchmark_only", False)) and config.getoption("bench_size") == "full"
+
+
+def timed(config) -> bool:
     return bool(config.getoption("benchmark_only", False))
 
 
@@ -54,8 +61,8 @@ def devices():
 def pytest_sessionfinish(session, exitstatus):
     config = session.config
     bench_session = getattr(config, "_benchmarksession", None)
-    if not config.getoption("write_results") or bench_session is None or not full_size(config):
+    if not config.getoption("write_results") or bench_session is None or not timed(config):
         return
     from benchmarks.report import write_results
 
-    write_results(bench_session.benchmarks, RESULTS)
+    write_results(bench_session.benchmarks, Path(config.getoption("results_path")))

@@ -277,14 +277,16 @@ def _search_lr(recipe, model, criterion, data: TrainData, device, out: Path, ctx
     return float(suggestion[0])
 
 
-def train_one_epoch(net, data: TrainData, optimizer, scheduler, criterion, device, amp: bool, ctx: DistContext, desc: str) -> tuple[float, float, float]:
+def train_one_epoch(
+    net, data: TrainData, optimizer, scheduler, criterion, device, amp: bool, ctx: DistContext, desc: str, progress: bool = True
+) -> tuple[float, float, float]:
     """One pass over the training batches; returns (summed loss, correct, seen) across ranks."""
     net.train()
     seen = torch.zeros((), device=device)
     correct = torch.zeros((), device=device)
     loss_sum = torch.zeros((), device=device)
     total = len(data.train)  # type: ignore[arg-type]
-    bar = tqdm(data.train, total=total, desc=desc, disable=not ctx.is_main, dynamic_ncols=True)
+    bar = tqdm(data.train, total=total, desc=desc, disable=not (ctx.is_main and progress), dynamic_ncols=True)
     for batch_id, (images, labels) in enumerate(bar):
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         if device.type == "cuda":
@@ -315,15 +317,16 @@ def train(
     workers: int | None = None,
     lr_find_iters: int = 100,
     data_path: str = "auto",
-    compile: bool = False,
+    compile: bool | str = False,
     splits=None,
     reports_enabled: bool = True,
+    progress: bool = True,
 ) -> TrainResult:
     """Train a CIFAR-style ResNet18 with ``recipe`` and write the model, card, checkpoint and reports to ``out``.
 
     ``data_path``: ``"loader"`` (PIL + albumentations in DataLoader workers), ``"device"`` (the split as
     a uint8 tensor on the device, augmented with torch ops) or ``"auto"`` (device on CUDA).
-    ``compile``: wrap the model in ``torch.compile``.
+    ``progress``: show a progress bar per epoch (rank 0). ``compile``: wrap the model in ``torch.compile`` (a string names its backend, e.g. ``"eager"`` in tests).
     """
     device = device or torch.device("cpu")
     ctx = init_distributed(device.type)
@@ -362,7 +365,7 @@ def train(
             outputs.append(out / "lr_find.png")
     net: nn.Module = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if ctx.enabled else model
     if compile:
-        net = torch.compile(net)  # type: ignore[assignment]
+        net = torch.compile(net, **({"backend": compile} if isinstance(compile, str) else {}))  # type: ignore[assignment]
     optimizer = make_optimizer(recipe, model, float(max_lr))
     scheduler = _scheduler(recipe, optimizer, float(max_lr), recipe.epochs * len(data.train))  # type: ignore[arg-type]
     history: list[dict[str, float]] = []
@@ -383,7 +386,7 @@ def train(
         started = time.perf_counter()
         data.start_epoch(epoch)
         train_loss, train_correct, train_seen = train_one_epoch(
-            net, data, optimizer, scheduler, criterion, device, amp, ctx, f"Epoch {epoch + 1}/{recipe.epochs}"
+            net, data, optimizer, scheduler, criterion, device, amp, ctx, f"Epoch {epoch + 1}/{recipe.epochs}", progress
         )
         test_loss, confusion = evaluate(net, data.test, device, num_classes, ctx, amp)
         test_total = float(confusion.sum())
