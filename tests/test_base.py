@@ -6,10 +6,11 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import explainkit
 from explainkit.errors import ExplainkitError
-from explainkit.explainers.base import evaluation_mode, normalize_maps, postprocess, resolve_targets
+from explainkit.explainers.base import evaluation_mode, normalize_maps, postprocess, resolve_targets, upsample_bilinear
 
 BUILTINS = ["gradcam", "gradcam++", "captum-gradcam"]
 
@@ -51,6 +52,14 @@ def test_postprocess_relu_upsample_shapes():
     out = postprocess(raw, (8, 8), normalize=False)
     assert out.shape == (1, 8, 8) and out.dtype == torch.float32 and out.min() >= 0
     assert postprocess(torch.randn(2, 10, 4, 4), (32, 32)).shape == (2, 10, 32, 32)
+
+
+@pytest.mark.parametrize("source,size", [((4, 4), (32, 32)), ((7, 7), (224, 224)), ((3, 5), (17, 9)), ((14, 14), (7, 7)), ((1, 1), (4, 4))])
+def test_upsample_bilinear_equals_interpolate(source, size):
+    maps = torch.randn(3, 2, *source)
+    expected = F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
+    torch.testing.assert_close(upsample_bilinear(maps, size), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(upsample_bilinear(maps[0], size), expected[0], atol=1e-5, rtol=1e-5)  # any leading shape
 
 
 # --- the contract, for every built-in ------------------------------------------------------
