@@ -19,6 +19,7 @@ from explainkit.errors import (
     UnknownExplainerError,
 )
 from explainkit.hookspecs import hookimpl
+from explainkit.maps_store import load_maps
 from explainkit.models import build_model, load_model, save_model
 from explainkit.plugins import plugin_manager
 from explainkit.registry import get_explainer, list_explainers
@@ -38,6 +39,7 @@ __all__ = [
     "get_explainer",
     "hookimpl",
     "list_explainers",
+    "load_maps",
     "load_model",
     "plugin_manager",
     "save_model",

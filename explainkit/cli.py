@@ -66,7 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--misclassified", type=_non_negative_int, default=10, help="rows in misclassified.png (default 10)")
     explain.add_argument("--limit", type=_positive_int, help="test images scanned, evenly spaced over the split (default: all)")
     explain.add_argument("--bf16", action="store_true", help="run the model under bf16 autocast (gradcam, gradcam++; for CUDA)")
-    explain.add_argument("--save-maps", action="store_true", help="also write maps and probabilities to maps.npz")
+    explain.add_argument("--save-maps", action="store_true",
+                         help="also write every map, prediction and probability to OUT/maps.zarr (read with explainkit.load_maps)")
+    explain.add_argument("--resume", action="store_true", help="continue an interrupted --save-maps run from the chunks it finished")
     _add_model_flags(explain)
 
     explain.add_argument("--no-train", action="store_true", help="with no model anywhere, fail instead of training a quick one")

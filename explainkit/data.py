@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -86,15 +86,20 @@ def load_split(
     return dataset
 
 
-def make_loader(dataset: Dataset, batch_size: int, device: torch.device, shuffle: bool = False, workers: int | None = None) -> DataLoader:
-    """A DataLoader with worker processes and, on CUDA, pinned memory."""
+def make_loader(
+    dataset: Dataset,
+    batch_size: int,
+    device: torch.device,
+    shuffle: bool = False,
+    workers: int | None = None,
+    batch_sampler: Sequence[Sequence[int]] | None = None,
+) -> DataLoader:
+    """A DataLoader with worker processes and, on CUDA, pinned memory; ``batch_sampler`` (lists of
+    indices) fixes each batch's rows instead of ``batch_size``/``shuffle``."""
+    size = sum(len(b) for b in batch_sampler) if batch_sampler is not None else len(dataset)  # type: ignore[arg-type]
     if workers is None:
-        workers = min(8, os.cpu_count() or 1) if len(dataset) > batch_size else 0
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=shuffle,
-        num_workers=workers,
-        pin_memory=device.type == "cuda",
-        persistent_workers=False,
-    )
+        workers = min(8, os.cpu_count() or 1) if size > batch_size else 0
+    common: dict[str, Any] = dict(num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=False)
+    if batch_sampler is not None:
+        return DataLoader(dataset, batch_sampler=batch_sampler, **common)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, **common)

@@ -7,12 +7,13 @@ are drawn are explained and rendered afterwards, fetched again by index.
 
 from __future__ import annotations
 
+import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 import torch.nn as nn
 from torch.utils.data import Dataset, Subset
@@ -21,8 +22,10 @@ from tqdm.auto import tqdm
 from explainkit import visualize
 from explainkit.card import ModelCard
 from explainkit.data import make_loader
-from explainkit.explainers.base import Explanation
-from explainkit.io import atomic_path, write_json
+from explainkit.distributed import DistContext
+from explainkit.explainers.base import Explanation, evaluation_mode
+from explainkit.io import write_json
+from explainkit.maps_store import STORE_NAME, MapsStore
 
 SCHEMA_VERSION = 1
 
@@ -69,57 +72,96 @@ def pick_samples(labels: torch.Tensor, count: int) -> list[int]:
     return chosen
 
 
+def _forward(model: nn.Module, explainers: dict[str, Any] | None, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Logits and, with explainers, each method's maps for the predicted class of one batch."""
+    maps: dict[str, torch.Tensor] = {}
+    if not explainers:
+        with torch.inference_mode():
+            return model(images), maps
+    logits = None
+    for name, explainer in explainers.items():
+        result = _explain_batch(explainer, model, images, None)
+        maps[name] = result.maps
+        logits = result.logits if logits is None else logits
+    assert logits is not None
+    return logits, maps
+
+
 def scan(
     model: nn.Module,
     dataset: Dataset,
     device: torch.device,
     batch_size: int,
     explainers: dict[str, Any] | None = None,
+    store: MapsStore | None = None,
+    ctx: DistContext | None = None,
 ) -> dict[str, Any]:
     """Predict every image (and, with ``explainers``, explain its predicted class with each).
 
+    Without ``store`` everything is kept in memory. With a :class:`MapsStore` each batch is one
+    store chunk: this rank (``ctx``) computes its chunks that are not done yet and writes them as
+    it goes, so memory stays flat and a killed run resumes where it stopped; the returned
+    ``predictions``/``labels``/``probabilities`` then cover every rank's rows.
+
     Returns ``predictions``, ``labels``, ``probabilities`` (of the prediction) as CPU tensors,
-    ``maps`` per method (CPU float16) when explainers are given, and ``seconds``.
+    ``maps`` per method (CPU float16; in memory only, without a store) and ``seconds``.
     """
-    loader = make_loader(dataset, batch_size, device)
+    ctx = ctx or DistContext()
+    pending = store.pending(ctx.rank, ctx.world_size) if store is not None else None
+    if store is not None:
+        loader = make_loader(dataset, batch_size, device, batch_sampler=[store.chunk_indices(c) for c in pending])
+    else:
+        loader = make_loader(dataset, batch_size, device)
     predictions, labels, confidence = [], [], []
     maps: dict[str, list[torch.Tensor]] = {name: [] for name in explainers or {}}
     start = time.perf_counter()
-    model.eval()
-    for images, batch_labels in tqdm(loader, desc="explain" if explainers else "scan", unit="batch", delay=2, leave=False):
-        images = images.to(device, non_blocking=True)
-        if device.type == "cuda":
-            images = images.contiguous(memory_format=torch.channels_last)
-        if explainers:
-            logits = None
-            for name, explainer in explainers.items():
-                result = _explain_batch(explainer, model, images, None)
-                maps[name].append(result.maps.to(torch.float16).cpu())
-                logits = result.logits if logits is None else logits
-        else:
-            with torch.inference_mode():
-                logits = model(images)
-        probabilities = logits.float().softmax(dim=1)
-        top, predicted = probabilities.max(dim=1)
-        predictions.append(predicted)
-        confidence.append(top)
-        labels.append(batch_labels)
+    with evaluation_mode(model):
+        progress = tqdm(loader, desc="explain" if explainers else "scan", unit="batch", delay=2, leave=False, disable=not ctx.is_main)
+        for batch_number, (images, batch_labels) in enumerate(progress):
+            images = images.to(device, non_blocking=True)
+            if device.type == "cuda":
+                images = images.contiguous(memory_format=torch.channels_last)
+            logits, batch_maps = _forward(model, explainers, images)
+            probabilities = logits.float().softmax(dim=1)
+            top, predicted = probabilities.max(dim=1)
+            if store is not None:
+                store.write_chunk(pending[batch_number], predicted, batch_labels, top, batch_maps)
+                continue
+            for name, value in batch_maps.items():
+                maps[name].append(value.to(torch.float16).cpu())
+            predictions.append(predicted)
+            confidence.append(top)
+            labels.append(batch_labels)
     if device.type == "cuda":
         torch.cuda.synchronize()
+    ctx.barrier()  # every rank's chunks are written before anyone reads them
     seconds = time.perf_counter() - start
+    if store is not None:
+        return {**store.results(), "maps": {}, "seconds": seconds}
     return {
-        "predictions": torch.cat(predictions).cpu(),
-        "probabilities": torch.cat(confidence).cpu(),
-        "labels": torch.cat(labels),
+        "predictions": torch.cat(predictions).cpu() if predictions else torch.empty(0, dtype=torch.long),
+        "probabilities": torch.cat(confidence).cpu() if confidence else torch.empty(0),
+        "labels": torch.cat(labels) if labels else torch.empty(0, dtype=torch.long),
         "maps": {name: torch.cat(chunks) for name, chunks in maps.items()},
         "seconds": seconds,
     }
 
 
-def _save_npz(path: Path, **arrays: np.ndarray) -> None:
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as handle:
-            np.savez_compressed(handle, **arrays)
+def open_store(out: Path, rows: int, chunk: int, methods: list[str], map_size: tuple[int, int], fingerprint: dict,
+               resume: bool, ctx: DistContext) -> MapsStore:
+    """Rank 0 creates the store (or reopens it for ``resume``); the other ranks open it after."""
+    path = out / STORE_NAME
+    if ctx.is_main:
+        if resume and path.exists():
+            store = MapsStore.open(path, fingerprint)
+            left = len(store.pending())
+            print(f"explainkit: resuming {path}: {store.num_chunks - left} of {store.num_chunks} chunks already done", file=sys.stderr)
+        else:
+            store = MapsStore.create(path, rows, chunk, methods, map_size, fingerprint)
+    ctx.barrier()
+    if not ctx.is_main:
+        store = MapsStore.open(path, fingerprint)
+    return store
 
 
 def explain_dataset(
@@ -135,17 +177,36 @@ def explain_dataset(
     limit: int | None = None,
     batch_size: int = 128,
     save_maps: bool = False,
+    resume: bool = False,
     meta: dict[str, Any] | None = None,
+    ctx: DistContext | None = None,
 ) -> ExplainResult:
     """Scan ``dataset`` (``limit`` evenly spaced images, default all) and write ``per_class.png``,
     ``misclassified.png``, ``methods.png`` (several methods), ``summary.json`` and, with
-    ``save_maps``, ``maps.npz``. The first method drives the per-class and misclassified grids."""
+    ``save_maps``, every map into ``maps.zarr`` (:mod:`explainkit.maps_store`). The first method
+    drives the per-class and misclassified grids.
+
+    Under ``torchrun`` (``ctx`` with several ranks) the scan is sharded across ranks through the
+    store; rank 0 draws the figures and writes the summary, the other ranks return an empty result.
+    ``resume`` continues an interrupted ``--save-maps`` run from the chunks it finished.
+    """
+    ctx = ctx or DistContext()
     if limit is not None and limit < len(dataset):
         # Evenly spaced, so a limited scan of a class-sorted ImageFolder still spans every class.
         dataset = Subset(dataset, torch.linspace(0, len(dataset) - 1, limit).long().tolist())
     primary_name, primary = next(iter(explainers.items()))
+    layer_name = getattr(primary, "layer_name", None)
     started = time.perf_counter()
-    scanned = scan(model, dataset, device, batch_size, explainers if save_maps else None)
+    store = None
+    if save_maps or ctx.enabled:  # several ranks always merge through the store
+        fingerprint = {"methods": list(explainers) if save_maps else [], "rows": len(dataset), "chunk": batch_size,
+                       "layer": layer_name, "model": (meta or {}).get("model")}
+        store = open_store(out, len(dataset), batch_size, fingerprint["methods"], tuple(card.image_size), fingerprint, resume, ctx)
+    scanned = scan(model, dataset, device, batch_size, explainers if save_maps else None, store, ctx)
+    if not ctx.is_main:
+        return ExplainResult({}, [])
+    if store is not None and not save_maps:
+        shutil.rmtree(store.path)  # only carried the ranks' predictions
     predictions, labels = scanned["predictions"], scanned["labels"]
     wrong = (predictions != labels).nonzero().flatten()
     outputs: list[Path] = []
@@ -167,7 +228,7 @@ def explain_dataset(
         )
         outputs.append(visualize.save_figure(figure, out / "per_class.png"))
         if len(explainers) > 1:
-            outputs.append(_methods_figure(explainers, model, batch, card, out, sample_labels))
+            outputs.append(_methods_figure(_explain_all_methods(explainers, model, batch), batch, card, out, sample_labels))
 
     wrong_indices = wrong[:misclassified].tolist()
     wrong_images, wrong_labels = _stack(dataset, wrong_indices)
@@ -193,25 +254,18 @@ def explain_dataset(
     outputs.append(visualize.save_figure(figure, out / "misclassified.png"))
 
     if save_maps:
-        arrays = {f"maps_{name}": m.numpy() for name, m in scanned["maps"].items()}
-        _save_npz(
-            out / "maps.npz",
-            predictions=predictions.numpy(),
-            labels=labels.numpy(),
-            probabilities=scanned["probabilities"].numpy(),
-            **arrays,
-        )
-        outputs.append(out / "maps.npz")
+        outputs.append(out / STORE_NAME)
 
     images = len(labels)
     summary = {
         "schema_version": SCHEMA_VERSION,
         **(meta or {}),
-        "layer": getattr(primary, "layer_name", None),
+        "layer": layer_name,
         "methods": list(explainers),
         "images": images,
         "accuracy": round(float((predictions == labels).double().mean()), 6) if images else None,
         "misclassified": int(len(wrong)),
+        "world_size": ctx.world_size,
         "timings": {
             "scan_seconds": round(scanned["seconds"], 3),
             "scan_images_per_second": round(images / scanned["seconds"], 1) if scanned["seconds"] > 0 else None,
@@ -224,8 +278,11 @@ def explain_dataset(
     return ExplainResult(summary, outputs + [out / "summary.json"])
 
 
-def _methods_figure(explainers: dict[str, Any], model: nn.Module, batch: torch.Tensor, card: ModelCard, out: Path, labels: torch.Tensor | None) -> Path:
-    results = {name: _explain_batch(explainer, model, batch, None) for name, explainer in explainers.items()}
+def _explain_all_methods(explainers: dict[str, Any], model: nn.Module, batch: torch.Tensor) -> dict[str, Explanation]:
+    return {name: _explain_batch(explainer, model, batch, None) for name, explainer in explainers.items()}
+
+
+def _methods_figure(results: dict[str, Explanation], batch: torch.Tensor, card: ModelCard, out: Path, labels: torch.Tensor | None) -> Path:
     first = next(iter(results.values()))
     predicted = first.probabilities.argmax(dim=1).cpu().tolist()
     row_labels = []
@@ -275,12 +332,16 @@ def explain_images(
             out / "per_class.png",
         )
     ]
-    if len(explainers) > 1:
-        outputs.append(_methods_figure(explainers, model, batch, card, out, None))
-    if save_maps:
-        arrays = {f"maps_{name}": _explain_batch(e, model, batch, None).maps.cpu().numpy() for name, e in explainers.items()}
-        _save_npz(out / "maps.npz", probabilities=probabilities.numpy(), **arrays)
-        outputs.append(out / "maps.npz")
+    if len(explainers) > 1 or save_maps:
+        results = _explain_all_methods(explainers, model, batch)  # once: the figure and the store share them
+        if len(explainers) > 1:
+            outputs.append(_methods_figure(results, batch, card, out, None))
+        if save_maps:
+            fingerprint = {"methods": list(explainers), "rows": len(names), "images": [str(n) for n in names]}
+            store = MapsStore.create(out / STORE_NAME, len(names), len(names), list(explainers), tuple(card.image_size), fingerprint)
+            labels = torch.full((len(names),), -1, dtype=torch.long)  # files have no labels
+            store.write_chunk(0, predicted, labels, confidence, {name: r.maps for name, r in results.items()})
+            outputs.append(out / STORE_NAME)
     summary = {
         "schema_version": SCHEMA_VERSION,
         **(meta or {}),

@@ -8,6 +8,8 @@ import sys
 
 import numpy as np
 import pytest
+
+import explainkit
 from PIL import Image
 
 from explainkit.cli import main
@@ -54,7 +56,7 @@ def test_methods_alias_and_image_files(capsys, random_checkpoint, tmp_path):
     assert code == 0, err
     summary = json.loads((tmp_path / "o" / "summary.json").read_text())
     assert len(summary["predictions"]) == 3
-    assert np.load(tmp_path / "o" / "maps.npz")["maps_gradcam"].shape == (3, 32, 32)
+    assert explainkit.load_maps(tmp_path / "o")["gradcam"].shape == (3, 32, 32)
 
 
 def test_unknown_method(capsys, base_args, tmp_path):

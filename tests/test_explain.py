@@ -12,6 +12,7 @@ import explainkit
 from explainkit.card import ModelCard
 from explainkit.data import load_split
 from explainkit.explain import explain_dataset, explain_images, pick_samples, scan
+from explainkit.maps_store import load_results
 
 
 def test_pick_samples_prefers_distinct_classes():
@@ -46,12 +47,13 @@ def test_explain_dataset_writes_everything(random_model, tiny_folder, tmp_path):
         samples=2, misclassified=4, limit=10, batch_size=4, save_maps=True,
     )
     names = sorted(p.name for p in tmp_path.iterdir())
-    assert names == ["maps.npz", "methods.png", "misclassified.png", "per_class.png", "summary.json"]
+    assert names == ["maps.zarr", "methods.png", "misclassified.png", "per_class.png", "summary.json"]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["schema_version"] == 1 and summary["images"] == 10
     assert summary["methods"] == ["gradcam", "captum-gradcam"] and summary["layer"] == "layer4"
-    saved = np.load(tmp_path / "maps.npz")
-    assert saved["maps_gradcam"].shape == (10, 32, 32)
+    maps = explainkit.load_maps(tmp_path)
+    assert list(maps) == ["gradcam", "captum-gradcam"] and maps["gradcam"].shape == (10, 32, 32)
+    saved = load_results(tmp_path)
     wrong = int((saved["predictions"] != saved["labels"]).sum())
     assert summary["misclassified"] == wrong
     assert summary["accuracy"] == pytest.approx(1 - wrong / 10)
@@ -63,7 +65,9 @@ def test_explain_images(random_model, tmp_path):
     result = explain_images(random_model, ModelCard(), {"gradcam": explainkit.get_explainer("gradcam", random_model)},
                             images, ["a.png", "b.png"], tmp_path, torch.device("cpu"), save_maps=True)
     assert [p["image"] for p in result.summary["predictions"]] == ["a.png", "b.png"]
-    assert (tmp_path / "per_class.png").exists() and (tmp_path / "maps.npz").exists()
+    assert (tmp_path / "per_class.png").exists()
+    maps = np.asarray(explainkit.load_maps(tmp_path)["gradcam"][:])
+    assert maps.shape == (2, 32, 32) and maps.dtype == np.float16
 
 
 def test_a_plugin_that_only_returns_maps_still_gets_probabilities(random_model, tiny_folder, tmp_path):
@@ -74,4 +78,15 @@ def test_a_plugin_that_only_returns_maps_still_gets_probabilities(random_model, 
     result = explain_dataset(random_model, ModelCard(), {"plain": maps_only, "gradcam": explainkit.get_explainer("gradcam", random_model)},
                              dataset, tmp_path, torch.device("cpu"), samples=2, misclassified=2, batch_size=8, save_maps=True)
     assert result.summary["images"] == 20
-    assert np.load(tmp_path / "maps.npz")["maps_plain"].shape == (20, 32, 32)
+    assert explainkit.load_maps(tmp_path)["plain"].shape == (20, 32, 32)
+
+
+def test_saved_maps_are_the_explainers_maps_in_scan_order(random_model, tiny_folder, tmp_path):
+    dataset = load_split("test", ModelCard(), tiny_folder)
+    gradcam = explainkit.get_explainer("gradcam", random_model)
+    explain_dataset(random_model, ModelCard(), {"gradcam": gradcam}, dataset, tmp_path, torch.device("cpu"),
+                    samples=1, misclassified=1, batch_size=6, save_maps=True)
+    images = torch.stack([dataset[i][0] for i in range(len(dataset))])
+    expected = gradcam(images).to(torch.float16).numpy()
+    np.testing.assert_allclose(np.asarray(explainkit.load_maps(tmp_path)["gradcam"][:]), expected, atol=2e-3)
+    assert load_results(tmp_path)["labels"].tolist() == [i // 2 for i in range(20)]

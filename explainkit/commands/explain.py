@@ -9,6 +9,7 @@ import torch
 
 from explainkit.data import load_split
 from explainkit.device import select_device
+from explainkit.distributed import init_distributed
 from explainkit.errors import ExplainkitError
 from explainkit.explain import explain_dataset, explain_images
 from explainkit.images import read_image
@@ -31,6 +32,15 @@ def run_explain(args: argparse.Namespace) -> int:
     for name in methods:
         require_explainer(name)
     device = select_device(args.device)
+    ctx = init_distributed(device.type)  # under torchrun: one rank per process, NCCL on CUDA, else gloo
+    if ctx.enabled and device.type == "cuda":
+        device = torch.device("cuda", ctx.local_rank)
+    if ctx.enabled and not (args.checkpoint or newest_model(args.models_dir)):
+        raise ExplainkitError("under torchrun, explain needs a model: pass --checkpoint PATH or train one first")
+    if args.resume and not args.save_maps:
+        raise ExplainkitError("--resume continues a --save-maps run; add --save-maps")
+    if ctx.enabled and args.image:
+        raise ExplainkitError("--image runs in one process; drop torchrun")
     if args.checkpoint or args.no_train or newest_model(args.models_dir) is not None:
         checkpoint = require_model_path(args.checkpoint, args.models_dir)
     else:  # a fresh machine: check what can be checked, then train a model to explain
@@ -72,8 +82,13 @@ def run_explain(args: argparse.Namespace) -> int:
             limit=args.limit,
             batch_size=args.batch_size,
             save_maps=args.save_maps,
+            resume=args.resume,
             meta=meta,
+            ctx=ctx,
         )
+        ctx.close()
+        if not ctx.is_main:
+            return 0
     summary = result.summary
     if "accuracy" in summary and summary["accuracy"] is not None:
         print(

@@ -39,7 +39,7 @@ from explainkit.training.device_data import (
     decode_image_folder,
     split_from_dataset,
 )
-from explainkit.training.distributed import DistContext, init_distributed
+from explainkit.distributed import DistContext, init_distributed
 from explainkit.training.lr_find import find_lr
 from explainkit.training.recipes import Recipe
 

@@ -1,4 +1,4 @@
-"""Data-parallel training under ``torchrun``: process group, rank-0-only side effects, reductions."""
+"""Process groups under ``torchrun`` (training and explain): rank-0-only side effects, reductions."""
 
 from __future__ import annotations
 
