@@ -19,7 +19,12 @@ from explainkit.errors import ExplainkitError
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse that reports a usage error on one line (exit 2) instead of usage + error."""
+    """argparse that reports a usage error on one line (exit 2) instead of usage + error, and
+    never abbreviates flags (``--model`` must not silently mean ``--models-dir``)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")

@@ -194,3 +194,39 @@ def test_python_dash_m_bad_input_has_no_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "explainkit", "explain", "--checkpoint", str(tmp_path / "x.pt")],
                           capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+COMMANDS = ["explain", "train", "lr-find", "evaluate", "methods", "plugins"]
+
+
+@pytest.mark.parametrize("command", [None, *COMMANDS])
+def test_help_works_for_the_program_and_every_command(command):
+    argv = [sys.executable, "-m", "explainkit", *([command] if command else []), "--help"]
+    done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.startswith("usage: explainkit") and not done.stderr
+
+
+def test_abbreviated_flags_are_rejected_not_guessed(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["explain", "--model", "x"])  # would have been taken as --models-dir
+    assert exit_info.value.code == 2 and "unrecognized arguments: --model x" in capsys.readouterr().err
+
+
+def _subparsers():
+    from explainkit.cli import build_parser
+
+    parser = build_parser()
+    action = next(a for a in parser._actions if isinstance(a, __import__("argparse")._SubParsersAction))
+    return action.choices
+
+
+def test_every_flag_of_every_command_is_in_the_readme():
+    readme = (REPO / "README.md").read_text()
+    missing = [
+        f"{name} {flag}"
+        for name, sub in _subparsers().items()
+        for action in sub._actions
+        for flag in action.option_strings
+        if flag.startswith("--") and flag != "--help" and flag not in readme
+    ]
+    assert not missing, f"flags missing from README.md: {missing}"

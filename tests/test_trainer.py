@@ -111,3 +111,19 @@ def test_one_cycle_survives_tiny_runs(total_steps):
         scheduler.step()
         lrs.append(optimizer.param_groups[0]["lr"])
     assert all(lr > 0 for lr in lrs) and max(lrs) <= 0.1 + 1e-9
+
+
+def test_device_data_path_learns_and_records_itself(color_folder, tmp_path):
+    """The device-resident path (CPU here): same loop, same outputs, recorded on the card."""
+    result = train(_recipe(epochs=3), tmp_path, data_dir=color_folder, data_path="device", progress=False)
+    losses = [row["train_loss"] for row in result.history]
+    assert losses[-1] < losses[0] and result.train_seconds > 0
+    card = explainkit.load_model(tmp_path / "model.pt").card
+    assert card.extra["data_path"] == "device" and card.extra["test_images"] == 20
+    for name in ("curves.png", "samples.png", "misclassified.png", "confusion_matrix.png"):
+        assert (tmp_path / name).is_file(), name
+
+
+def test_unknown_data_path_is_a_clear_error(color_folder, tmp_path):
+    with pytest.raises(explainkit.ExplainkitError, match="--data-path"):
+        train(_recipe(epochs=1), tmp_path, data_dir=color_folder, data_path="gpu")

@@ -25,7 +25,7 @@ SKIPPABLE = ("deletion", "confidence", "road", "sanity")
 
 
 def add_evaluate_parser(sub, positive_int, device_choices) -> None:
-    evaluate = sub.add_parser("evaluate", help="faithfulness metrics per method, with 95% CIs; --synthetic for ground truth")
+    evaluate = sub.add_parser("evaluate", help="faithfulness metrics per method, with 95%% CIs; --synthetic for ground truth")
     evaluate.add_argument("--methods", "--method", dest="methods", default="gradcam,gradcam++,captum-gradcam")
     evaluate.add_argument("--layer", help="layer for every method (default: the model's default layer)")
     evaluate.add_argument("--limit", type=positive_int, default=200, help="test images, evenly spaced (default 200)")

@@ -37,7 +37,8 @@ def run_train(args: argparse.Namespace) -> int:
         check_image_folder(root, ("train", "test"))
     out = ensure_writable_dir(args.out or default_train_out(getattr(args, "models_dir", None)))
     print(f"training resnet18-cifar with the {recipe.name!r} recipe on {device} into {out}/", file=sys.stderr)
-    result = train(recipe, out, data_dir=args.data_dir, device=device, seed=args.seed, resume=args.resume, workers=args.workers)
+    result = train(recipe, out, data_dir=args.data_dir, device=device, seed=args.seed, resume=args.resume, workers=args.workers,
+                   data_path=args.data_path, compile=args.compile)
     print(f"test accuracy {100 * result.test_accuracy:.2f}% after {len(result.history)} epochs", file=sys.stderr)
     for path in result.outputs:
         print(path)
@@ -95,6 +96,10 @@ def add_train_parser(sub, positive_int, device_choices) -> None:
     train.add_argument("--resume", action="store_true", help="continue from OUT/last.ckpt")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--workers", type=int, help="DataLoader workers (default: 1 on CPU, up to 8 on CUDA)")
+    train.add_argument("--data-path", choices=("auto", "loader", "device"), default="auto",
+                       help="device = decode the splits once into tensors on the device and augment there; "
+                            "loader = PIL + albumentations in DataLoader workers; auto (default) = device on CUDA")
+    train.add_argument("--compile", action="store_true", help="torch.compile the model (measured on an H200: slower for this model)")
     train.add_argument("--device", choices=device_choices, default="auto")
 
     lr_find = sub.add_parser("lr-find", help="LR range test: suggest a max LR and save lr_find.png")
@@ -125,6 +130,7 @@ def train_quick_for_explain(args: argparse.Namespace) -> Path:
     namespace = argparse.Namespace(
         recipe=recipe_name, epochs=None, batch_size=None, lr=None, optimizer=None, train_limit=None, test_limit=None,
         device=args.device, out=str(out), models_dir=args.models_dir, data_dir=args.data_dir, seed=0, resume=False, workers=None,
+        data_path="auto", compile=False,
     )
     if run_train(namespace) != 0:
         raise ExplainkitError("training failed")
