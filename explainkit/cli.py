@@ -93,18 +93,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _cmd_methods(args: argparse.Namespace) -> int:
     from explainkit.plugins import plugin_distribution
-    from explainkit.registry import registrations
+    from explainkit.registry import catalog
 
+    registered = catalog()
     rows = [
         {"name": r.name, "plugin": r.plugin, "distribution": " ".join(plugin_distribution(r.plugin)).strip()}
-        for r in sorted(registrations().values(), key=lambda r: r.name)
+        for r in sorted(registered.explainers.values(), key=lambda r: r.name)
     ]
+    clashes = [{"name": name, "plugins": plugins} for name, plugins in sorted(registered.clashes.items())]
     if args.json:
-        print(json.dumps(rows, indent=2))
+        print(json.dumps(rows + [{**c, "error": "registered by several plugins"} for c in clashes], indent=2))
         return 0
-    width = max(len(r["name"]) for r in rows) if rows else 4
+    width = max((len(r["name"]) for r in rows), default=4)
     for row in rows:
         print(f"{row['name']:<{width}}  {row['plugin']}  ({row['distribution']})")
+    for clash in clashes:
+        print(f"{clash['name']:<{width}}  CLASH: registered by {', '.join(clash['plugins'])}; disable one with EXPLAINKIT_DISABLE_PLUGINS")
     return 0
 
 

@@ -25,6 +25,11 @@ BUILTIN_NAME = "explainkit.builtin"
 BUILTIN_MODULE = "explainkit.default_plugins.builtin_explainers"
 
 _manager: pluggy.PluginManager | None = None
+
+
+class ExplainkitPluginError(Exception):
+    """Why a plugin was skipped at load (reported as a warning, never raised to the user)."""
+
 _distributions: dict[str, tuple[str, str]] = {}  # plugin name -> (distribution, version)
 
 
@@ -48,12 +53,17 @@ def _load_entry_points(manager: pluggy.PluginManager) -> None:
             dist = getattr(entry_point, "dist", None)
             if dist is not None:
                 _distributions[entry_point.name] = (dist.name, dist.version)
+            try:
+                manager.check_pending()  # only this plugin can be pending: the others passed
+            except pluggy.PluginValidationError as exc:
+                manager.unregister(name=entry_point.name)
+                raise ExplainkitPluginError(f"it implements a hook explainkit does not define ({exc})") from None
         except Exception as exc:  # a broken plugin must not take the others down
             dist = getattr(entry_point, "dist", None)
             source = f" (distribution {dist.name} {dist.version})" if dist else ""
             warnings.warn(
                 f"explainkit plugin {entry_point.name!r}{source} failed to load and was skipped: "
-                f"{type(exc).__name__}: {exc}",
+                + (str(exc) if isinstance(exc, ExplainkitPluginError) else f"{type(exc).__name__}: {exc}"),
                 RuntimeWarning,
                 stacklevel=2,
             )
@@ -72,8 +82,7 @@ def plugin_manager() -> pluggy.PluginManager:
             manager.set_blocked(name)
         if not manager.is_blocked(BUILTIN_NAME):
             manager.register(importlib.import_module(BUILTIN_MODULE), name=BUILTIN_NAME)
-        _load_entry_points(manager)
-        manager.check_pending()  # a misspelled hook implementation fails loudly here
+        _load_entry_points(manager)  # a misspelled hook skips its plugin with a warning
         _manager = manager
     return _manager
 

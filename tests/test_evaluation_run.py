@@ -25,7 +25,7 @@ def faithfulness(trained_model, cifar_dir):
 
 def test_gradcam_beats_random_with_non_overlapping_intervals(faithfulness):
     results, curves = faithfulness
-    g, r = results["gradcam"], results["random"]
+    g, r = results["gradcam"], results["baseline:random"]
     assert g["ci95"]["deletion_auc"][1] < r["ci95"]["deletion_auc"][0]
     assert g["ci95"]["insertion_auc"][0] > r["ci95"]["insertion_auc"][1]
     assert g["ci95"]["average_drop"][1] < r["ci95"]["average_drop"][0]
@@ -66,8 +66,18 @@ def test_cli_writes_metrics_and_plots(capsys, random_checkpoint, tiny_folder, tm
     assert code == 0 and "deletion_auc" in out
     data = json.loads((tmp_path / "m.json").read_text())
     assert data["schema_version"] == 1 and data["meta"]["images"] == 6
-    assert set(data) >= {"gradcam", "random", "random-pixel", "center", "meta"}
+    assert set(data) >= {"gradcam", "baseline:random", "baseline:random-pixel", "baseline:center", "meta"}
     g = data["gradcam"]
     assert set(g) >= {"deletion_auc", "insertion_auc", "average_drop", "increase_in_confidence", "road_morf", "road_lerf", "sanity", "ci95"}
     assert [s["randomized"] for s in g["sanity"]][:2] == ["fc", "layer4"]
     assert (tmp_path / "deletion_insertion.png").is_file() and (tmp_path / "sanity.png").is_file()
+
+
+def test_baselines_never_shadow_a_method_of_the_same_name(random_model):
+    """A registered method called "random" keeps its own scores next to the random baseline."""
+    images = torch.randn(4, 3, 32, 32)
+    constant = lambda m: (lambda x, targets=None, normalize=True: torch.ones(len(x), 32, 32))  # noqa: E731
+    results, _ = run.evaluate_faithfulness(random_model, random_model.card, {"random": constant}, images, "layer4", steps=4,
+                                  skip=frozenset({"road", "sanity", "confidence"}), baselines=("random",))
+    assert set(results) == {"random", "baseline:random"}
+    assert results["random"] != results["baseline:random"]

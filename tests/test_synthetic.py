@@ -42,5 +42,5 @@ def test_gradcam_finds_the_class_object():
     results, _, _ = run.evaluate_synthetic(factories, train_count=4000, test_count=300, epochs=5)
     assert results["meta"]["test_accuracy"] > 0.9
     assert results["gradcam"]["pointing_game"] >= 0.9
-    assert results["random"]["pointing_game"] <= 0.3
-    assert results["gradcam"]["energy_in_box"] > results["center"]["energy_in_box"]
+    assert results["baseline:random"]["pointing_game"] <= 0.3
+    assert results["gradcam"]["energy_in_box"] > results["baseline:center"]["energy_in_box"]

@@ -15,6 +15,7 @@ import torch.nn as nn
 from explainkit.explainers.base import Explainer, resolve_targets
 
 BASELINES = ("random", "random-pixel", "center")
+BASELINE_PREFIX = "baseline:"  # their key in results, apart from any registered method's name
 
 
 class _Baseline(Explainer):

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm  # noqa: E402
 from explainkit.card import ModelCard  # noqa: E402
 from explainkit.errors import ExplainkitError  # noqa: E402
 from explainkit.evaluation import metrics, synthetic  # noqa: E402
-from explainkit.evaluation.baselines import BASELINES, make_baseline  # noqa: E402
+from explainkit.evaluation.baselines import BASELINE_PREFIX, BASELINES, make_baseline  # noqa: E402
 from explainkit.evaluation.sanity import cascading_randomization  # noqa: E402
 from explainkit.visualize import save_figure  # noqa: E402
 
@@ -70,8 +70,8 @@ def evaluate_faithfulness(
     with torch.no_grad():  # not inference_mode: targets feed explainers that record autograd graphs
         targets = torch.cat([model(images[s : s + batch_size]).argmax(1) for s in range(0, len(images), batch_size)])
     candidates: dict[str, Callable[[nn.Module], Callable]] = dict(factories)
-    for name in baselines:
-        candidates[name] = lambda m, name=name: make_baseline(name, m, layer, seed=seed)
+    for name in baselines:  # a namespace of their own: a plugin method may be called "random" too
+        candidates[BASELINE_PREFIX + name] = lambda m, name=name: make_baseline(name, m, layer, seed=seed)
     results: dict[str, Any] = {}
     curves: dict[str, torch.Tensor] = {}
     for name, factory in tqdm(candidates.items(), desc="evaluate", unit="method", delay=2):
@@ -86,7 +86,7 @@ def evaluate_faithfulness(
         if "road" not in skip:
             per_image["road_morf"], per_image["road_lerf"] = metrics.road(model, images, maps, targets)
         results[name] = _summarise({k: v.cpu() for k, v in per_image.items()}, seed)
-        if name not in BASELINES and "sanity" not in skip:
+        if not name.startswith(BASELINE_PREFIX) and "sanity" not in skip:
             results[name]["sanity"] = cascading_randomization(
                 model, lambda m, factory=factory, name=name: (lambda x, t: collect_maps(name, factory(m), x, t, batch_size)), images, targets, seed
             )
@@ -97,7 +97,7 @@ def curves_figure(curves: dict[str, torch.Tensor]) -> plt.Figure:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for name, pair in curves.items():
         x = torch.linspace(0, 1, pair.shape[1])
-        style = "--" if name in BASELINES else "-"
+        style = "--" if name.startswith(BASELINE_PREFIX) else "-"
         for ax, curve in zip(axes, pair):
             ax.plot(x, curve, style, label=name)
     for ax, title in zip(axes, ("Deletion (lower AUC is better)", "Insertion (higher AUC is better)")):
@@ -158,7 +158,7 @@ def evaluate_synthetic(
         accuracy = float((model(test_set.images).argmax(1) == test_set.labels).float().mean())
     candidates = dict(factories)
     for name in ("random", "center"):
-        candidates[name] = lambda m, name=name: make_baseline(name, m, synthetic.LAST_CONV, seed=seed)
+        candidates[BASELINE_PREFIX + name] = lambda m, name=name: make_baseline(name, m, synthetic.LAST_CONV, seed=seed)
     results: dict[str, Any] = {}
     all_maps: dict[str, torch.Tensor] = {}
     for name, factory in candidates.items():
