@@ -10,13 +10,12 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 import matplotlib
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+import numpy as np
+import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from explainkit.io import atomic_path  # noqa: E402
+from explainkit.io import atomic_path
 
 COLORMAP = "jet"
 ALPHA = 0.5
@@ -35,17 +34,16 @@ def overlay(image: torch.Tensor | np.ndarray, cam: torch.Tensor | np.ndarray, al
     return (1 - alpha) * _hwc(image) + alpha * heat
 
 
-def save_figure(fig: plt.Figure, path: str | Path) -> Path:
+def save_figure(fig: Figure, path: str | Path) -> Path:
     path = Path(path)
-    try:
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", dpi=110, bbox_inches="tight")
-    finally:
-        plt.close(fig)
+    # A plain Figure (no pyplot): nothing global to close, and no backend switched for the
+    # user's session (it renders with its own Agg canvas).
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", dpi=110, bbox_inches="tight")
     return path
 
 
-def _blank(ax: plt.Axes) -> None:
+def _blank(ax: Axes) -> None:
     ax.set_xticks([])
     ax.set_yticks([])
 
@@ -57,10 +55,11 @@ def per_class_grid(
     classes: Sequence[str],
     labels: Sequence[str] | None = None,
     title: str = "",
-) -> plt.Figure:
+) -> Figure:
     """One row per image: the image, then its CAM for every class, titled ``class (p)``."""
     n, k = maps.shape[:2]
-    fig, axes = plt.subplots(n, k + 1, figsize=(CELL * (k + 1), CELL * n + 0.6), squeeze=False)
+    fig = Figure(figsize=(CELL * (k + 1), CELL * n + 0.6))
+    axes = fig.subplots(n, k + 1, squeeze=False)
     for row in range(n):
         axes[row, 0].imshow(_hwc(images[row]))
         axes[row, 0].set_title(labels[row] if labels else "image", fontsize=8)
@@ -87,11 +86,12 @@ def misclassified_grid(
     total_wrong: int,
     scanned: int,
     title: str = "",
-) -> plt.Figure:
+) -> Figure:
     """Rows of image | CAM for the predicted class | CAM for the true class."""
     n = len(images)
     rows = max(n, 1)
-    fig, axes = plt.subplots(rows, 3, figsize=(CELL * 3.2, CELL * rows + 0.8), squeeze=False)
+    fig = Figure(figsize=(CELL * 3.2, CELL * rows + 0.8))
+    axes = fig.subplots(rows, 3, squeeze=False)
     for row in range(n):
         pred, true = classes[predicted[row]], classes[truth[row]]
         axes[row, 0].imshow(_hwc(images[row]))
@@ -117,11 +117,12 @@ def methods_grid(
     maps_by_method: Mapping[str, torch.Tensor],
     row_labels: Sequence[str],
     title: str = "",
-) -> plt.Figure:
+) -> Figure:
     """Rows = images, columns = the image then one CAM per method, with one shared [0, 1] colour bar."""
     methods = list(maps_by_method)
     n, m = len(images), len(methods)
-    fig, axes = plt.subplots(n, m + 1, figsize=(CELL * (m + 1) + 0.8, CELL * n + 0.6), squeeze=False)
+    fig = Figure(figsize=(CELL * (m + 1) + 0.8, CELL * n + 0.6))
+    axes = fig.subplots(n, m + 1, squeeze=False)
     for row in range(n):
         axes[row, 0].imshow(_hwc(images[row]))
         axes[row, 0].set_title(row_labels[row], fontsize=8)

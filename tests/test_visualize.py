@@ -39,3 +39,18 @@ def test_grids_write_pngs(tmp_path):
         with Image.open(path) as image:
             assert image.size[0] > 100 and image.size[1] > 50
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "b.png", "c.png", "d.png"]
+
+
+def test_importing_explainkit_leaves_matplotlib_alone():
+    """No global backend switch and no pyplot state for a notebook user who merely imports us."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, matplotlib; matplotlib.use('svg'); "
+        "import explainkit, explainkit.visualize, explainkit.explain, explainkit.training.reports, explainkit.evaluation.run; "
+        "assert matplotlib.get_backend() == 'svg', matplotlib.get_backend(); "
+        "assert 'matplotlib.pyplot' not in sys.modules"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -7,19 +7,18 @@ from pathlib import Path
 from typing import Any, Callable
 
 import matplotlib
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-import torch.nn as nn  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
-
-from explainkit.card import ModelCard  # noqa: E402
-from explainkit.errors import ExplainkitError  # noqa: E402
-from explainkit.evaluation import metrics, synthetic  # noqa: E402
-from explainkit.evaluation.baselines import BASELINE_PREFIX, BASELINES, make_baseline  # noqa: E402
-from explainkit.evaluation.sanity import cascading_randomization  # noqa: E402
-from explainkit.visualize import save_figure  # noqa: E402
+from explainkit.card import ModelCard
+from explainkit.errors import ExplainkitError
+from explainkit.evaluation import metrics, synthetic
+from explainkit.evaluation.baselines import BASELINE_PREFIX, BASELINES, make_baseline
+from explainkit.evaluation.sanity import cascading_randomization
+from explainkit.visualize import save_figure
 
 SCHEMA_VERSION = 1
 LOWER_IS_BETTER = {"deletion_auc", "average_drop", "road_morf"}
@@ -93,8 +92,9 @@ def evaluate_faithfulness(
     return results, curves
 
 
-def curves_figure(curves: dict[str, torch.Tensor]) -> plt.Figure:
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+def curves_figure(curves: dict[str, torch.Tensor]) -> Figure:
+    fig = Figure(figsize=(11, 4))
+    axes = fig.subplots(1, 2)
     for name, pair in curves.items():
         x = torch.linspace(0, 1, pair.shape[1])
         style = "--" if name.startswith(BASELINE_PREFIX) else "-"
@@ -110,8 +110,9 @@ def curves_figure(curves: dict[str, torch.Tensor]) -> plt.Figure:
     return fig
 
 
-def sanity_figure(results: dict[str, Any]) -> plt.Figure:
-    fig, ax = plt.subplots(figsize=(7, 4))
+def sanity_figure(results: dict[str, Any]) -> Figure:
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
     for name, scores in results.items():
         if isinstance(scores, dict) and "sanity" in scores:
             steps = scores["sanity"]

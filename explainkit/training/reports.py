@@ -6,21 +6,21 @@ from pathlib import Path
 from typing import Sequence
 
 import matplotlib
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+import torch
+import torch.nn as nn
+from torch.utils.data import Dataset, Subset
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-import torch.nn as nn  # noqa: E402
-from torch.utils.data import Dataset, Subset  # noqa: E402
-
-from explainkit.card import ModelCard  # noqa: E402
-from explainkit.visualize import CELL, save_figure  # noqa: E402
+from explainkit.card import ModelCard
+from explainkit.visualize import CELL, save_figure
 
 
-def curves_figure(history: Sequence[dict[str, float]]) -> plt.Figure:
+def curves_figure(history: Sequence[dict[str, float]]) -> Figure:
     """2x2: train loss, test loss, train accuracy, test accuracy per epoch."""
     epochs = [row["epoch"] for row in history]
-    fig, axes = plt.subplots(2, 2, figsize=(10, 7))
+    fig = Figure(figsize=(10, 7))
+    axes = fig.subplots(2, 2)
     panels = [("train_loss", "Training loss"), ("test_loss", "Test loss"), ("train_accuracy", "Training accuracy (%)"), ("test_accuracy", "Test accuracy (%)")]
     for ax, (key, title) in zip(axes.flat, panels):
         values = [row[key] * (100 if "accuracy" in key else 1) for row in history]
@@ -39,10 +39,11 @@ def normalized_confusion(confusion: torch.Tensor) -> torch.Tensor:
     return confusion / torch.where(totals > 0, totals, torch.ones_like(totals))
 
 
-def confusion_figure(confusion: torch.Tensor, classes: Sequence[str]) -> plt.Figure:
+def confusion_figure(confusion: torch.Tensor, classes: Sequence[str]) -> Figure:
     matrix = normalized_confusion(confusion).numpy()
     k = len(classes)
-    fig, ax = plt.subplots(figsize=(0.7 * k + 2, 0.7 * k + 1.5))
+    fig = Figure(figsize=(0.7 * k + 2, 0.7 * k + 1.5))
+    ax = fig.subplots()
     image = ax.imshow(matrix, cmap="Blues", vmin=0, vmax=1)
     ax.set_xticks(range(k), classes, rotation=45, ha="right")
     ax.set_yticks(range(k), classes)
@@ -59,7 +60,7 @@ def confusion_figure(confusion: torch.Tensor, classes: Sequence[str]) -> plt.Fig
     return fig
 
 
-def misclassified_figure(model: nn.Module, dataset: Dataset, card: ModelCard, device: torch.device, total_wrong: int, total: int, count: int = 20) -> plt.Figure:
+def misclassified_figure(model: nn.Module, dataset: Dataset, card: ModelCard, device: torch.device, total_wrong: int, total: int, count: int = 20) -> Figure:
     """A grid of wrong predictions titled ``Target | Predicted``, with the total count."""
     model.eval()
     wrong: list[tuple[torch.Tensor, int, int]] = []
@@ -77,7 +78,8 @@ def misclassified_figure(model: nn.Module, dataset: Dataset, card: ModelCard, de
     wrong = wrong[:count]
     cols = 5
     rows = max(1, (len(wrong) + cols - 1) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(CELL * cols, CELL * rows + 0.8), squeeze=False)
+    fig = Figure(figsize=(CELL * cols, CELL * rows + 0.8))
+    axes = fig.subplots(rows, cols, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, (image, target, predicted) in zip(axes.flat, wrong):
@@ -88,7 +90,7 @@ def misclassified_figure(model: nn.Module, dataset: Dataset, card: ModelCard, de
     return fig
 
 
-def samples_figure(train_set: Dataset, card: ModelCard, per_class: int = 6) -> plt.Figure:
+def samples_figure(train_set: Dataset, card: ModelCard, per_class: int = 6) -> Figure:
     """Augmented training images, one row per class."""
     base = train_set.dataset if isinstance(train_set, Subset) else train_set
     indices = train_set.indices if isinstance(train_set, Subset) else range(len(base))
@@ -101,7 +103,8 @@ def samples_figure(train_set: Dataset, card: ModelCard, per_class: int = 6) -> p
         if all(len(v) == per_class for v in chosen.values()):
             break
     k = len(card.classes)
-    fig, axes = plt.subplots(k, per_class, figsize=(CELL * 0.8 * per_class, CELL * 0.8 * k), squeeze=False)
+    fig = Figure(figsize=(CELL * 0.8 * per_class, CELL * 0.8 * k))
+    axes = fig.subplots(k, per_class, squeeze=False)
     for label, row in zip(range(k), axes):
         for col, ax in enumerate(row):
             ax.axis("off")
