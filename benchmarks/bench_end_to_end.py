@@ -66,12 +66,16 @@ def test_end_to_end(benchmark, bench_model, test_split, e2e_device, mode, reques
     benchmark.group = f"{e2e_device.type}-end-to-end"
     benchmark.extra_info.update(
         case=f"end to end: {'gradcam over' if explainers else 'inference over'} DataLoader",
-        layer="layer4" if explainers else "-", device=e2e_device.type, batch=batch, dtype="fp32",
-        threads=torch.get_num_threads(), images=count, source=source,
+        layer="layer4" if explainers else "-",
+        device=e2e_device.type,
+        batch=batch,
+        dtype="fp32",
+        threads=torch.get_num_threads(),
+        images=count,
+        source=source,
         machine=torch.cuda.get_device_name() if e2e_device.type == "cuda" else "cpu",
     )
     benchmark.pedantic(lambda: scan(model, subset, e2e_device, batch, explainers), rounds=1, warmup_rounds=0, iterations=1)
-
 
 
 @pytest.mark.parametrize("mode", ["inference", "all classes"])
@@ -104,8 +108,13 @@ def test_device_resident(benchmark, bench_model, test_split, e2e_device, mode, r
     benchmark.group = f"{e2e_device.type}-device-resident"
     benchmark.extra_info.update(
         case=f"device-resident split: {'gradcam all classes' if mode != 'inference' else 'inference'}",
-        layer="layer4" if mode != "inference" else "-", device=e2e_device.type, batch=batch, dtype="fp32",
-        threads=torch.get_num_threads(), images=count, source=source,
+        layer="layer4" if mode != "inference" else "-",
+        device=e2e_device.type,
+        batch=batch,
+        dtype="fp32",
+        threads=torch.get_num_threads(),
+        images=count,
+        source=source,
         machine=torch.cuda.get_device_name() if e2e_device.type == "cuda" else "cpu",
     )
     benchmark.pedantic(run, rounds=3, warmup_rounds=1, iterations=1)

@@ -54,8 +54,13 @@ def measure(benchmark, prepared, case: str, fn, layer: str = "-", rounds: int = 
     group = f"{device.type}-b{batch}-{'bf16' if dtype else 'fp32'}"
     benchmark.group = group
     benchmark.extra_info.update(
-        case=case, layer=layer, device=device.type, batch=batch, dtype="bf16" if dtype else "fp32",
-        threads=torch.get_num_threads(), images=batch,
+        case=case,
+        layer=layer,
+        device=device.type,
+        batch=batch,
+        dtype="bf16" if dtype else "fp32",
+        threads=torch.get_num_threads(),
+        images=batch,
         machine=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
     )
 
@@ -99,13 +104,17 @@ def test_ours_single_target(benchmark, prepared, name, layer):
 @pytest.mark.parametrize("layer", LAYERS)
 def test_ours_all_classes(benchmark, prepared, layer):
     model, images, _, _, dtype = prepared
-    measure(benchmark, prepared, "gradcam all classes (one call)", cases.ours("gradcam", model, images, layer, "all", dtype), layer)
+    measure(
+        benchmark, prepared, "gradcam all classes (one call)", cases.ours("gradcam", model, images, layer, "all", dtype), layer
+    )
 
 
 @pytest.mark.parametrize("layer", LAYERS)
 def test_ours_ten_single_calls(benchmark, prepared, layer):
     model, images, _, _, dtype = prepared
-    measure(benchmark, prepared, "gradcam 10 single-target calls", cases.ours_ten_calls(model, images, layer, dtype), layer, rounds=3)
+    measure(
+        benchmark, prepared, "gradcam 10 single-target calls", cases.ours_ten_calls(model, images, layer, dtype), layer, rounds=3
+    )
 
 
 def _fp32_only(prepared, peer: str):
@@ -118,7 +127,14 @@ def _fp32_only(prepared, peer: str):
 def test_pytorch_grad_cam_ten_calls(benchmark, prepared, layer):
     _fp32_only(prepared, "pytorch_grad_cam")
     model, images = prepared[:2]
-    measure(benchmark, prepared, "pytorch-grad-cam GradCAM 10 calls", cases.pgc("gradcam", model, images, layer, range(10)), layer, rounds=3)
+    measure(
+        benchmark,
+        prepared,
+        "pytorch-grad-cam GradCAM 10 calls",
+        cases.pgc("gradcam", model, images, layer, range(10)),
+        layer,
+        rounds=3,
+    )
 
 
 @pytest.mark.parametrize("layer", LAYERS)

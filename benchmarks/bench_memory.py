@@ -29,13 +29,23 @@ def test_peak_memory(benchmark, request, device, case):
     def probe():
         out = subprocess.run(
             [sys.executable, "-m", "benchmarks.memory_probe", case, device, str(batch)],
-            cwd=REPO, capture_output=True, text=True, check=True,
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            check=True,
         )
         result["bytes"] = int(out.stdout.strip().splitlines()[-1])
 
     benchmark.group = f"{device}-memory"
-    benchmark.extra_info.update(case=f"peak memory: {case}", device=device, batch=batch, layer="layer4" if case != "forward" else "-",
-                                dtype="fp32", threads=torch.get_num_threads(), images=batch)
+    benchmark.extra_info.update(
+        case=f"peak memory: {case}",
+        device=device,
+        batch=batch,
+        layer="layer4" if case != "forward" else "-",
+        dtype="fp32",
+        threads=torch.get_num_threads(),
+        images=batch,
+    )
     benchmark.pedantic(probe, rounds=1, iterations=1)
     benchmark.extra_info["peak_bytes"] = result["bytes"]
     assert result["bytes"] >= 0

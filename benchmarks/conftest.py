@@ -21,10 +21,16 @@ RESULTS = Path(__file__).with_name("RESULTS.md")
 def pytest_addoption(parser):
     group = parser.getgroup("explainkit benchmarks")
     group.addoption("--write-results", action="store_true", help=f"write {RESULTS.name} after a --benchmark-only run")
-    group.addoption("--e2e-images", type=int, default=None, help="images explained end to end (default 2000 CPU, whole split CUDA)")
+    group.addoption(
+        "--e2e-images", type=int, default=None, help="images explained end to end (default 2000 CPU, whole split CUDA)"
+    )
     group.addoption("--results-path", default=str(RESULTS), help=f"where --write-results writes (default {RESULTS})")
-    group.addoption("--bench-size", choices=("full", "toy"), default="full",
-                    help="toy: time every case at batch 4 (the GPU script's --dry-run)")
+    group.addoption(
+        "--bench-size",
+        choices=("full", "toy"),
+        default="full",
+        help="toy: time every case at batch 4 (the GPU script's --dry-run)",
+    )
 
 
 def pytest_configure(config):

@@ -53,8 +53,12 @@ def environment() -> dict:
     info = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda}
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
-        info.update(gpu=torch.cuda.get_device_name(0), gpu_memory_gib=round(props.total_memory / 2**30, 1),
-                    multiprocessors=props.multi_processor_count, cudnn=torch.backends.cudnn.version())
+        info.update(
+            gpu=torch.cuda.get_device_name(0),
+            gpu_memory_gib=round(props.total_memory / 2**30, 1),
+            multiprocessors=props.multi_processor_count,
+            cudnn=torch.backends.cudnn.version(),
+        )
     return info
 
 
@@ -73,13 +77,25 @@ def train_run(args, recipe_name: str, seed: int, splits, device, scratch: Path, 
     key = f"{recipe_name}-s{seed}"
     out = scratch / key
     started = time.perf_counter()
-    result = train(recipe, out, device=device, seed=seed, data_path="device", splits=splits,
-                   lr_find_iters=20 if args.dry_run else 100, progress=False)
+    result = train(
+        recipe,
+        out,
+        device=device,
+        seed=seed,
+        data_path="device",
+        splits=splits,
+        lr_find_iters=20 if args.dry_run else 100,
+        progress=False,
+    )
     wall = time.perf_counter() - started
     card = json.loads((out / "model.json").read_text())
     results["runs"][key] = {
-        "recipe": recipe_name, "seed": seed, "epochs": recipe.epochs, "test_accuracy": result.test_accuracy,
-        "train_seconds": round(result.train_seconds, 2), "wall_seconds_with_lr_find_and_reports": round(wall, 2),
+        "recipe": recipe_name,
+        "seed": seed,
+        "epochs": recipe.epochs,
+        "test_accuracy": result.test_accuracy,
+        "train_seconds": round(result.train_seconds, 2),
+        "wall_seconds_with_lr_find_and_reports": round(wall, 2),
         "max_lr": card["recipe"]["lr"],
         "epoch_seconds": [round(r["seconds"], 3) for r in result.history],
         "test_accuracy_per_epoch": [round(r["test_accuracy"], 4) for r in result.history],
@@ -102,15 +118,22 @@ def parity(model_path: Path, splits, device, results: dict) -> None:
         for targets in (None, "all"):
             reference = cls(model.cpu(), "layer4")(images, targets=targets).flatten(0, -3)
             for dtype in (None, torch.bfloat16):
-                maps = cls(model.to(device), "layer4", autocast=dtype)(images.to(device), targets=targets).float().cpu().flatten(0, -3)
+                maps = (
+                    cls(model.to(device), "layer4", autocast=dtype)(images.to(device), targets=targets)
+                    .float()
+                    .cpu()
+                    .flatten(0, -3)
+                )
                 a = reference.flatten(1) - reference.flatten(1).mean(1, keepdim=True)
                 b = maps.flatten(1) - maps.flatten(1).mean(1, keepdim=True)
                 corr = (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1)).clamp_min(1e-12)
                 flat = (a.norm(dim=1) < 1e-6) & (b.norm(dim=1) < 1e-6)  # both constant: agree
                 corr = torch.where(flat, torch.ones_like(corr), corr)
                 out[f"{cls.__name__}-{targets or 'predicted'}-{'bf16' if dtype else 'fp32'}"] = {
-                    "min_corr": round(float(corr.min()), 5), "mean_corr": round(float(corr.mean()), 5),
-                    "share_above_0.99": round(float((corr > 0.99).float().mean()), 5), "maps": int(corr.numel()),
+                    "min_corr": round(float(corr.min()), 5),
+                    "mean_corr": round(float(corr.mean()), 5),
+                    "share_above_0.99": round(float((corr > 0.99).float().mean()), 5),
+                    "maps": int(corr.numel()),
                     "max_abs_diff": round(float((reference - maps).abs().max()), 5),
                 }
     results["parity_vs_cpu"] = out
@@ -123,23 +146,47 @@ def compile_probe(args, splits, device, scratch: Path, results: dict) -> None:
     if args.dry_run:
         overrides.update(batch_size=32, train_limit=128, test_limit=64)
     started = time.perf_counter()
-    result = train(resolve_recipe("default", **overrides), scratch / "compiled", device=device, seed=0, data_path="device",
-                   splits=splits, compile="eager" if args.dry_run else True, reports_enabled=False)
+    result = train(
+        resolve_recipe("default", **overrides),
+        scratch / "compiled",
+        device=device,
+        seed=0,
+        data_path="device",
+        splits=splits,
+        compile="eager" if args.dry_run else True,
+        reports_enabled=False,
+    )
     seconds = [r["seconds"] for r in result.history]
     eager = results["runs"]["default-s0"]["epoch_seconds"]
     steady_compiled = min(seconds[1:] or seconds)
     steady_eager = min(eager[1:] or eager)
     results["compile_probe"] = {
-        "epochs": epochs, "epoch_seconds": [round(s, 3) for s in seconds], "wall_seconds": round(time.perf_counter() - started, 2),
-        "steady_epoch_seconds_compiled": round(steady_compiled, 3), "steady_epoch_seconds_eager": round(steady_eager, 3),
-        "speedup": round(steady_eager / steady_compiled, 3), "first_epoch_overhead_seconds": round(seconds[0] - steady_compiled, 2),
+        "epochs": epochs,
+        "epoch_seconds": [round(s, 3) for s in seconds],
+        "wall_seconds": round(time.perf_counter() - started, 2),
+        "steady_epoch_seconds_compiled": round(steady_compiled, 3),
+        "steady_epoch_seconds_eager": round(steady_eager, 3),
+        "speedup": round(steady_eager / steady_compiled, 3),
+        "first_epoch_overhead_seconds": round(seconds[0] - steady_compiled, 2),
     }
     log(f"compile probe: {results['compile_probe']}")
 
 
 def benchmarks(args, root: Path, results: dict) -> None:
-    command = [sys.executable, "-m", "pytest", "benchmarks", "-q", "-p", "no:cacheprovider", "--benchmark-only", "--write-results",
-               "--results-path", str(args.out / "RESULTS-cuda.md"), f"--benchmark-json={args.scratch / 'benchmarks.json'}"]
+    command = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "benchmarks",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "--benchmark-only",
+        "--write-results",
+        "--results-path",
+        str(args.out / "RESULTS-cuda.md"),
+        f"--benchmark-json={args.scratch / 'benchmarks.json'}",
+    ]
     command += ["--bench-size", "toy"] if args.dry_run else ["-k", "cuda"]
     env = dict(os.environ, EXPLAINKIT_TEST_DATA_DIR=str(root))
     started = time.perf_counter()
@@ -239,7 +286,8 @@ def main(argv: list[str] | None = None) -> int:
         runs = results["runs"]
         default_runs = [runs[k]["test_accuracy"] for k in ("default-s0", "default-s1")]
         results["summary"] = {
-            "default_mean_accuracy": sum(default_runs) / 2, "reference_accuracy": runs["reference-s0"]["test_accuracy"],
+            "default_mean_accuracy": sum(default_runs) / 2,
+            "reference_accuracy": runs["reference-s0"]["test_accuracy"],
             "default_s0_train_seconds": runs["default-s0"]["train_seconds"],
         }
         write_results(args.out, results)

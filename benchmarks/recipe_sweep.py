@@ -54,26 +54,44 @@ def run_variant(args, name, recipe_name, overrides, seed, splits, device, scratc
         lr_find_iters = min(lr_find_iters, 20)
     recipe = resolve_recipe(recipe_name, **overrides)
     out = scratch / f"{name}-s{seed}"
-    result = train(recipe, out, device=device, seed=seed, data_path="device", splits=splits,
-                   lr_find_iters=lr_find_iters, progress=False, reports_enabled=seed == 0)
+    result = train(
+        recipe,
+        out,
+        device=device,
+        seed=seed,
+        data_path="device",
+        splits=splits,
+        lr_find_iters=lr_find_iters,
+        progress=False,
+        reports_enabled=seed == 0,
+    )
     last = result.history[-1]
     results["runs"][f"{name}-s{seed}"] = {
-        "variant": name, "recipe": recipe_name, "overrides": overrides, "seed": seed, "max_lr": recipe.lr if recipe.lr != "auto" else None,
-        "test_accuracy": result.test_accuracy, "train_accuracy": last["train_accuracy"], "train_seconds": round(result.train_seconds, 2),
+        "variant": name,
+        "recipe": recipe_name,
+        "overrides": overrides,
+        "seed": seed,
+        "max_lr": recipe.lr if recipe.lr != "auto" else None,
+        "test_accuracy": result.test_accuracy,
+        "train_accuracy": last["train_accuracy"],
+        "train_seconds": round(result.train_seconds, 2),
         "test_accuracy_per_epoch": [round(r["test_accuracy"], 4) for r in result.history],
     }
     import json
 
     card = json.loads((out / "model.json").read_text())
     results["runs"][f"{name}-s{seed}"]["max_lr"] = card["recipe"]["lr"]
-    log(f"{name} seed {seed}: {100 * result.test_accuracy:.2f}% (train {100 * last['train_accuracy']:.2f}%) "
-        f"in {result.train_seconds:.1f} s, max_lr {card['recipe']['lr']}")
+    log(
+        f"{name} seed {seed}: {100 * result.test_accuracy:.2f}% (train {100 * last['train_accuracy']:.2f}%) "
+        f"in {result.train_seconds:.1f} s, max_lr {card['recipe']['lr']}"
+    )
     write_results(args.out, results)
     return out
 
 
 def profile(device: torch.device, out: Path, batch: int) -> None:
-    from torch.profiler import ProfilerActivity, profile as torch_profile
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
 
     from explainkit.explainers.gradient import GradCAM
     from explainkit.models import resnet18_cifar

@@ -71,9 +71,21 @@ def _targets(rows, group) -> list[tuple[str, float | None, str, bool | None]]:
         ("gradcam++ single target @layer4 / forward", ratio("gradcam++ single target", "layer4"), 0.90),
         ("gradcam single target @layer3 / forward", ratio("gradcam single target", "layer3"), 0.70),
         ("all classes @layer4 / forward", ratio("gradcam all classes (one call)", "layer4"), 0.80),
-        ("all classes @layer3 vs 10 calls of ours", speedup("gradcam all classes (one call)", "gradcam 10 single-target calls", "layer3"), 2.5),
-        ("all classes @layer3 vs 10 pytorch-grad-cam calls", speedup("gradcam all classes (one call)", "pytorch-grad-cam GradCAM 10 calls", "layer3"), 6.0),
-        ("gradcam vs pytorch-grad-cam GradCAM @layer4", speedup("gradcam single target", "pytorch-grad-cam GradCAM single target", "layer4"), 2.5),
+        (
+            "all classes @layer3 vs 10 calls of ours",
+            speedup("gradcam all classes (one call)", "gradcam 10 single-target calls", "layer3"),
+            2.5,
+        ),
+        (
+            "all classes @layer3 vs 10 pytorch-grad-cam calls",
+            speedup("gradcam all classes (one call)", "pytorch-grad-cam GradCAM 10 calls", "layer3"),
+            6.0,
+        ),
+        (
+            "gradcam vs pytorch-grad-cam GradCAM @layer4",
+            speedup("gradcam single target", "pytorch-grad-cam GradCAM single target", "layer4"),
+            2.5,
+        ),
     ]
     for what, value, target in checks:
         out.append((what, value, f">= {target}x", None if value is None else value >= target))
@@ -108,7 +120,7 @@ def write_results(benchmarks, path: Path) -> None:
                 mib = row.get("peak_bytes", 0) / 2**20
                 rel = row.get("peak_bytes", 0) / forward["peak_bytes"] if forward and forward.get("peak_bytes") else float("nan")
                 lines.append(f"| {row['case']} | {row['batch']} | {mib:.1f} | {rel:.2f}x |")
-            lines += ["", f"Target: all classes @layer4 <= 1.5x the forward's peak.", ""]
+            lines += ["", "Target: all classes @layer4 <= 1.5x the forward's peak.", ""]
             continue
         floor = _find(rows, group, "forward (inference_mode)") or next(
             (r for r in in_group if r["case"].startswith(("end to end: inference", "device-resident split: inference"))), None
@@ -130,10 +142,16 @@ def write_results(benchmarks, path: Path) -> None:
             if every:
                 seconds = every["median_s"]
                 met = "yes" if seconds < 1.0 else "**no**"
-                lines += [f"All ten classes' GradCAM at layer4 for {every['images']} images ({every.get('source', '')}): "
-                          f"{seconds:.3f} s (median of 3). Target on a GPU, whole 10,000-image split: < 1 s — "
-                          f"{met if every['device'] == 'cuda' and every['images'] >= 10000 else 'n/a here'}.", ""]
+                lines += [
+                    f"All ten classes' GradCAM at layer4 for {every['images']} images ({every.get('source', '')}): "
+                    f"{seconds:.3f} s (median of 3). Target on a GPU, whole 10,000-image split: < 1 s — "
+                    f"{met if every['device'] == 'cuda' and every['images'] >= 10000 else 'n/a here'}.",
+                    "",
+                ]
         elif floor:
-            lines += [f"Target: explain >= 0.80x inference over the same loader ({row.get('images')} images, {row.get('source', '')}).", ""]
+            lines += [
+                f"Target: explain >= 0.80x inference over the same loader ({row.get('images')} images, {row.get('source', '')}).",
+                "",
+            ]
     with atomic_path(path) as tmp:
         tmp.write_text("\n".join(lines) + "\n")

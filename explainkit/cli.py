@@ -11,7 +11,6 @@ import json
 import os
 import sys
 import warnings
-from pathlib import Path
 from typing import Sequence
 
 from explainkit.device import DEVICE_CHOICES
@@ -51,9 +50,13 @@ def _non_negative_int(text: str) -> int:
 
 
 def _add_model_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", help="model weights (.pt/.safetensors) with a .json card beside; default: newest under the model store")
+    parser.add_argument(
+        "--checkpoint", help="model weights (.pt/.safetensors) with a .json card beside; default: newest under the model store"
+    )
     parser.add_argument("--models-dir", help="model store (default $EXPLAINKIT_MODELS_DIR or ./models)")
-    parser.add_argument("--data-dir", help="ImageFolder tree with train/ and test/ (default $EXPLAINKIT_DATA_DIR, else CIFAR-10 download)")
+    parser.add_argument(
+        "--data-dir", help="ImageFolder tree with train/ and test/ (default $EXPLAINKIT_DATA_DIR, else CIFAR-10 download)"
+    )
     parser.add_argument("--batch-size", type=_positive_int, default=128)
     parser.add_argument("--device", choices=DEVICE_CHOICES, default="auto")
 
@@ -63,7 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     explain = sub.add_parser("explain", help="per-class and misclassified CAM grids")
-    explain.add_argument("--method", "--methods", dest="methods", default="gradcam", help="NAME[,NAME...] (see `explainkit methods`)")
+    explain.add_argument(
+        "--method", "--methods", dest="methods", default="gradcam", help="NAME[,NAME...] (see `explainkit methods`)"
+    )
     explain.add_argument("--layer", help="dotted submodule path, e.g. layer4 or layer3.1 (default: the model's last stage)")
     explain.add_argument("--image", nargs="+", metavar="PATH", help="explain these image files instead of the test split")
     explain.add_argument("--out", default="outputs", help="output directory (default: outputs/)")
@@ -71,9 +76,14 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--misclassified", type=_non_negative_int, default=10, help="rows in misclassified.png (default 10)")
     explain.add_argument("--limit", type=_positive_int, help="test images scanned, evenly spaced over the split (default: all)")
     explain.add_argument("--bf16", action="store_true", help="run the model under bf16 autocast (gradcam, gradcam++; for CUDA)")
-    explain.add_argument("--save-maps", action="store_true",
-                         help="also write every map, prediction and probability to OUT/maps.zarr (read with explainkit.load_maps)")
-    explain.add_argument("--resume", action="store_true", help="continue an interrupted --save-maps run from the chunks it finished")
+    explain.add_argument(
+        "--save-maps",
+        action="store_true",
+        help="also write every map, prediction and probability to OUT/maps.zarr (read with explainkit.load_maps)",
+    )
+    explain.add_argument(
+        "--resume", action="store_true", help="continue an interrupted --save-maps run from the chunks it finished"
+    )
     _add_model_flags(explain)
 
     explain.add_argument("--no-train", action="store_true", help="with no model anywhere, fail instead of training a quick one")
@@ -108,7 +118,9 @@ def _cmd_methods(args: argparse.Namespace) -> int:
     for row in rows:
         print(f"{row['name']:<{width}}  {row['plugin']}  ({row['distribution']})")
     for clash in clashes:
-        print(f"{clash['name']:<{width}}  CLASH: registered by {', '.join(clash['plugins'])}; disable one with EXPLAINKIT_DISABLE_PLUGINS")
+        print(
+            f"{clash['name']:<{width}}  CLASH: registered by {', '.join(clash['plugins'])}; disable one with EXPLAINKIT_DISABLE_PLUGINS"
+        )
     return 0
 
 
@@ -143,7 +155,14 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return run_evaluate(args)
 
 
-COMMANDS = {"evaluate": _cmd_evaluate, "train": _cmd_train, "lr-find": _cmd_lr_find, "explain": _cmd_explain, "methods": _cmd_methods, "plugins": _cmd_plugins}
+COMMANDS = {
+    "evaluate": _cmd_evaluate,
+    "train": _cmd_train,
+    "lr-find": _cmd_lr_find,
+    "explain": _cmd_explain,
+    "methods": _cmd_methods,
+    "plugins": _cmd_plugins,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -72,7 +72,9 @@ def pick_samples(labels: torch.Tensor, count: int) -> list[int]:
     return chosen
 
 
-def _forward(model: nn.Module, explainers: dict[str, Any] | None, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def _forward(
+    model: nn.Module, explainers: dict[str, Any] | None, images: torch.Tensor
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Logits and, with explainers, each method's maps for the predicted class of one batch."""
     maps: dict[str, torch.Tensor] = {}
     if not explainers:
@@ -116,7 +118,9 @@ def scan(
     maps: dict[str, list[torch.Tensor]] = {name: [] for name in explainers or {}}
     start = time.perf_counter()
     with evaluation_mode(model):
-        progress = tqdm(loader, desc="explain" if explainers else "scan", unit="batch", delay=2, leave=False, disable=not ctx.is_main)
+        progress = tqdm(
+            loader, desc="explain" if explainers else "scan", unit="batch", delay=2, leave=False, disable=not ctx.is_main
+        )
         for batch_number, (images, batch_labels) in enumerate(progress):
             images = images.to(device, non_blocking=True)
             if device.type == "cuda":
@@ -147,15 +151,26 @@ def scan(
     }
 
 
-def open_store(out: Path, rows: int, chunk: int, methods: list[str], map_size: tuple[int, int], fingerprint: dict,
-               resume: bool, ctx: DistContext) -> MapsStore:
+def open_store(
+    out: Path,
+    rows: int,
+    chunk: int,
+    methods: list[str],
+    map_size: tuple[int, int],
+    fingerprint: dict,
+    resume: bool,
+    ctx: DistContext,
+) -> MapsStore:
     """Rank 0 creates the store (or reopens it for ``resume``); the other ranks open it after."""
     path = out / STORE_NAME
     if ctx.is_main:
         if resume and path.exists():
             store = MapsStore.open(path, fingerprint)
             left = len(store.pending())
-            print(f"explainkit: resuming {path}: {store.num_chunks - left} of {store.num_chunks} chunks already done", file=sys.stderr)
+            print(
+                f"explainkit: resuming {path}: {store.num_chunks - left} of {store.num_chunks} chunks already done",
+                file=sys.stderr,
+            )
         else:
             store = MapsStore.create(path, rows, chunk, methods, map_size, fingerprint)
     ctx.barrier()
@@ -199,9 +214,16 @@ def explain_dataset(
     started = time.perf_counter()
     store = None
     if save_maps or ctx.enabled:  # several ranks always merge through the store
-        fingerprint = {"methods": list(explainers) if save_maps else [], "rows": len(dataset), "chunk": batch_size,
-                       "layer": layer_name, "model": (meta or {}).get("model")}
-        store = open_store(out, len(dataset), batch_size, fingerprint["methods"], tuple(card.image_size), fingerprint, resume, ctx)
+        fingerprint = {
+            "methods": list(explainers) if save_maps else [],
+            "rows": len(dataset),
+            "chunk": batch_size,
+            "layer": layer_name,
+            "model": (meta or {}).get("model"),
+        }
+        store = open_store(
+            out, len(dataset), batch_size, fingerprint["methods"], tuple(card.image_size), fingerprint, resume, ctx
+        )
     scanned = scan(model, dataset, device, batch_size, explainers if save_maps else None, store, ctx)
     if not ctx.is_main:
         return ExplainResult({}, [])
@@ -282,7 +304,9 @@ def _explain_all_methods(explainers: dict[str, Any], model: nn.Module, batch: to
     return {name: _explain_batch(explainer, model, batch, None) for name, explainer in explainers.items()}
 
 
-def _methods_figure(results: dict[str, Explanation], batch: torch.Tensor, card: ModelCard, out: Path, labels: torch.Tensor | None) -> Path:
+def _methods_figure(
+    results: dict[str, Explanation], batch: torch.Tensor, card: ModelCard, out: Path, labels: torch.Tensor | None
+) -> Path:
     first = next(iter(results.values()))
     predicted = first.probabilities.argmax(dim=1).cpu().tolist()
     row_labels = []
@@ -338,7 +362,9 @@ def explain_images(
             outputs.append(_methods_figure(results, batch, card, out, None))
         if save_maps:
             fingerprint = {"methods": list(explainers), "rows": len(names), "images": [str(n) for n in names]}
-            store = MapsStore.create(out / STORE_NAME, len(names), len(names), list(explainers), tuple(card.image_size), fingerprint)
+            store = MapsStore.create(
+                out / STORE_NAME, len(names), len(names), list(explainers), tuple(card.image_size), fingerprint
+            )
             labels = torch.full((len(names),), -1, dtype=torch.long)  # files have no labels
             store.write_chunk(0, predicted, labels, confidence, {name: r.maps for name, r in results.items()})
             outputs.append(out / STORE_NAME)

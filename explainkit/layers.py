@@ -57,6 +57,4 @@ def resolve_layer(model: nn.Module, layer: str | nn.Module | None) -> tuple[str,
         close = difflib.get_close_matches(layer, candidates, n=3)
         hint = f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
         shown = [c for c in candidates if "." not in c] or candidates
-        raise LayerNotFoundError(
-            f"unknown layer {layer!r}{hint}; candidate layers include: {', '.join(shown[:20])}"
-        ) from None
+        raise LayerNotFoundError(f"unknown layer {layer!r}{hint}; candidate layers include: {', '.join(shown[:20])}") from None

@@ -48,15 +48,23 @@ class MapsStore:
     methods: list[str]
 
     @classmethod
-    def create(cls, path: Path, rows: int, chunk: int, methods: list[str], map_size: tuple[int, int], fingerprint: dict) -> "MapsStore":
+    def create(
+        cls, path: Path, rows: int, chunk: int, methods: list[str], map_size: tuple[int, int], fingerprint: dict
+    ) -> "MapsStore":
         """A new, empty store at ``path`` (an existing one is replaced)."""
         zarr = _zarr()
         if path.exists():
             shutil.rmtree(path)
         group = zarr.open_group(str(path), mode="w")
         chunks = max(1, (rows + chunk - 1) // chunk)
-        group.attrs.update(format_version=FORMAT_VERSION, rows=rows, chunk=chunk, methods=methods,
-                           map_size=list(map_size), fingerprint=fingerprint)
+        group.attrs.update(
+            format_version=FORMAT_VERSION,
+            rows=rows,
+            chunk=chunk,
+            methods=methods,
+            map_size=list(map_size),
+            fingerprint=fingerprint,
+        )
         maps = group.require_group("maps")
         for name in methods:
             maps.create_array(name, shape=(rows, *map_size), chunks=(chunk, *map_size), dtype="float16", fill_value=0)
@@ -79,7 +87,9 @@ class MapsStore:
         if fingerprint is not None and attrs.get("fingerprint") != fingerprint:
             saved = attrs.get("fingerprint") or {}
             differ = sorted(k for k in set(saved) | set(fingerprint) if saved.get(k) != fingerprint.get(k))
-            raise ExplainkitError(f"cannot resume: {path} was made with other settings ({', '.join(differ)}); run without --resume")
+            raise ExplainkitError(
+                f"cannot resume: {path} was made with other settings ({', '.join(differ)}); run without --resume"
+            )
         return cls(path, group, rows, chunk, methods)
 
     @property
@@ -94,8 +104,14 @@ class MapsStore:
         done = np.asarray(self.group["done"][:])
         return [c for c in range(rank, self.num_chunks, world_size) if not done[c]]
 
-    def write_chunk(self, chunk: int, predictions: torch.Tensor, labels: torch.Tensor, probabilities: torch.Tensor,
-                    maps: Mapping[str, torch.Tensor]) -> None:
+    def write_chunk(
+        self,
+        chunk: int,
+        predictions: torch.Tensor,
+        labels: torch.Tensor,
+        probabilities: torch.Tensor,
+        maps: Mapping[str, torch.Tensor],
+    ) -> None:
         """Write one chunk's rows, then mark it done (so a kill mid-write leaves it pending)."""
         rows = slice(chunk * self.chunk, min((chunk + 1) * self.chunk, self.rows))
         for name in self.methods:

@@ -135,9 +135,7 @@ def newest_model(directory: str | Path | None = None) -> Path | None:
     root = models_dir(directory)
     if not root.is_dir():
         return None
-    found = [
-        p for p in root.rglob("*") if p.suffix in WEIGHT_SUFFIXES and p.is_file() and card_path(p).is_file()
-    ]
+    found = [p for p in root.rglob("*") if p.suffix in WEIGHT_SUFFIXES and p.is_file() and card_path(p).is_file()]
     return max(found, key=lambda p: p.stat().st_mtime, default=None)
 
 

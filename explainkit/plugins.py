@@ -30,6 +30,7 @@ _manager: pluggy.PluginManager | None = None
 class ExplainkitPluginError(Exception):
     """Why a plugin was skipped at load (reported as a warning, never raised to the user)."""
 
+
 _distributions: dict[str, tuple[str, str]] = {}  # plugin name -> (distribution, version)
 
 

@@ -134,7 +134,5 @@ def require_explainer(name: str) -> Registration:
     if name not in found:
         close = difflib.get_close_matches(name, found, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise UnknownExplainerError(
-            f"unknown explainer {name!r}{hint}; registered: {', '.join(sorted(found)) or '(none)'}"
-        )
+        raise UnknownExplainerError(f"unknown explainer {name!r}{hint}; registered: {', '.join(sorted(found)) or '(none)'}")
     return found[name]

@@ -10,10 +10,10 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 import matplotlib
-from matplotlib.axes import Axes
-from matplotlib.figure import Figure
 import numpy as np
 import torch
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
 
 from explainkit.io import atomic_path
 

@@ -54,7 +54,9 @@ def test_postprocess_relu_upsample_shapes():
     assert postprocess(torch.randn(2, 10, 4, 4), (32, 32)).shape == (2, 10, 32, 32)
 
 
-@pytest.mark.parametrize("source,size", [((4, 4), (32, 32)), ((7, 7), (224, 224)), ((3, 5), (17, 9)), ((14, 14), (7, 7)), ((1, 1), (4, 4))])
+@pytest.mark.parametrize(
+    "source,size", [((4, 4), (32, 32)), ((7, 7), (224, 224)), ((3, 5), (17, 9)), ((14, 14), (7, 7)), ((1, 1), (4, 4))]
+)
 def test_upsample_bilinear_equals_interpolate(source, size):
     maps = torch.randn(3, 2, *source)
     expected = F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
@@ -101,7 +103,7 @@ def test_hooks_removed_when_the_call_raises(name, random_model, images):
     with pytest.raises(ExplainkitError):
         explainer(images, targets=[0, 1])  # wrong length
     assert _hooks(random_model) == 0
-    with pytest.raises(Exception):
+    with pytest.raises(RuntimeError):
         explainer(torch.randn(2, 5, 32, 32))  # wrong channel count fails inside the model
     assert _hooks(random_model) == 0
     assert not random_model.training

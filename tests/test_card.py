@@ -21,7 +21,9 @@ def test_round_trip_keeps_extra_fields(tmp_path):
     assert again == card and again.to_dict()["recipe"] == {"optimizer": "adam"}
 
 
-@pytest.mark.parametrize("content", ["{not json", "[1, 2]", json.dumps({"num_classes": 3}), json.dumps({"bogus": 1, "mean": [0.5]})])
+@pytest.mark.parametrize(
+    "content", ["{not json", "[1, 2]", json.dumps({"num_classes": 3}), json.dumps({"bogus": 1, "mean": [0.5]})]
+)
 def test_invalid_cards_raise_checkpoint_error(tmp_path, content):
     path = tmp_path / "m.json"
     path.write_text(content)
@@ -37,7 +39,9 @@ def test_preprocess_pil_and_arrays_agree():
     from_batch = card.preprocess(np.stack([pixels, pixels]))
     assert from_pil.shape == (1, 3, 32, 32) and from_batch.shape == (2, 3, 32, 32)
     torch.testing.assert_close(from_pil, from_array)
-    expected = (torch.from_numpy(pixels).permute(2, 0, 1).float() / 255 - torch.tensor(card.mean).view(3, 1, 1)) / torch.tensor(card.std).view(3, 1, 1)
+    expected = (torch.from_numpy(pixels).permute(2, 0, 1).float() / 255 - torch.tensor(card.mean).view(3, 1, 1)) / torch.tensor(
+        card.std
+    ).view(3, 1, 1)
     torch.testing.assert_close(from_array[0], expected)
     torch.testing.assert_close(card.denormalize(from_array)[0], torch.from_numpy(pixels).permute(2, 0, 1).float() / 255)
 

@@ -6,12 +6,10 @@ import json
 import subprocess
 import sys
 
-import numpy as np
 import pytest
-
-import explainkit
 from PIL import Image
 
+import explainkit
 from explainkit.cli import main
 from tests.conftest import REPO
 
@@ -51,8 +49,19 @@ def test_methods_alias_and_image_files(capsys, random_checkpoint, tmp_path):
         path = tmp_path / f"img{i}.png"
         Image.new(mode, (50 + i, 40)).save(path)
         paths.append(str(path))
-    code, out, err = _run(capsys, "explain", "--methods", "gradcam", "--checkpoint", str(random_checkpoint),
-                          "--image", *paths, "--out", str(tmp_path / "o"), "--save-maps")
+    code, out, err = _run(
+        capsys,
+        "explain",
+        "--methods",
+        "gradcam",
+        "--checkpoint",
+        str(random_checkpoint),
+        "--image",
+        *paths,
+        "--out",
+        str(tmp_path / "o"),
+        "--save-maps",
+    )
     assert code == 0, err
     summary = json.loads((tmp_path / "o" / "summary.json").read_text())
     assert len(summary["predictions"]) == 3
@@ -82,20 +91,46 @@ def test_bad_checkpoints(capsys, tiny_folder, tmp_path, random_checkpoint, kind)
         card = json.loads(random_checkpoint.with_suffix(".json").read_text())
         card.update(num_classes=3, classes=["a", "b", "c"])
         path.with_suffix(".json").write_text(json.dumps(card))
-    code, _, err = _run(capsys, "explain", "--checkpoint", str(path), "--data-dir", str(tiny_folder), "--out", str(tmp_path / "out"))
+    code, _, err = _run(
+        capsys, "explain", "--checkpoint", str(path), "--data-dir", str(tiny_folder), "--out", str(tmp_path / "out")
+    )
     _assert_clean_failure(code, err, str(path))
     assert not (tmp_path / "out").exists()
 
 
 def test_no_model_anywhere_gives_the_command(capsys, tiny_folder, tmp_path):
-    code, _, err = _run(capsys, "explain", "--no-train", "--models-dir", str(tmp_path / "empty"), "--data-dir", str(tiny_folder), "--out", str(tmp_path / "out"))
+    code, _, err = _run(
+        capsys,
+        "explain",
+        "--no-train",
+        "--models-dir",
+        str(tmp_path / "empty"),
+        "--data-dir",
+        str(tiny_folder),
+        "--out",
+        str(tmp_path / "out"),
+    )
     _assert_clean_failure(code, err, "--checkpoint", "python -m explainkit train")
 
 
 def test_explain_on_a_fresh_machine_trains_a_quick_model_first(capsys, color_folder, tmp_path):
     store = tmp_path / "store"
-    code, out, err = _run(capsys, "explain", "--models-dir", str(store), "--data-dir", str(color_folder),
-                          "--out", str(tmp_path / "out"), "--device", "cpu", "--samples", "1", "--misclassified", "2")
+    code, out, err = _run(
+        capsys,
+        "explain",
+        "--models-dir",
+        str(store),
+        "--data-dir",
+        str(color_folder),
+        "--out",
+        str(tmp_path / "out"),
+        "--device",
+        "cpu",
+        "--samples",
+        "1",
+        "--misclassified",
+        "2",
+    )
     assert code == 0, err
     assert "'quick' CPU recipe" in err and "python -m explainkit train --recipe default" in err
     assert (store / "resnet18-cifar10" / "model.pt").is_file()
@@ -131,8 +166,20 @@ def test_train_unwritable_out(capsys, tmp_path, tiny_folder):
 
 
 def test_lr_find_command(capsys, color_folder, tmp_path):
-    code, out, err = _run(capsys, "lr-find", "--data-dir", str(color_folder), "--out", str(tmp_path), "--batch-size", "8",
-                          "--num-iter", "20", "--device", "cpu")
+    code, out, err = _run(
+        capsys,
+        "lr-find",
+        "--data-dir",
+        str(color_folder),
+        "--out",
+        str(tmp_path),
+        "--batch-size",
+        "8",
+        "--num-iter",
+        "20",
+        "--device",
+        "cpu",
+    )
     assert code == 0, err
     assert "suggested LR" in out and (tmp_path / "lr_find.png").is_file()
 
@@ -140,7 +187,16 @@ def test_lr_find_command(capsys, color_folder, tmp_path):
 def test_wrong_data_dir_layout(capsys, random_checkpoint, tmp_path):
     (tmp_path / "flat").mkdir()
     (tmp_path / "flat" / "x.jpg").write_bytes(b"")
-    code, _, err = _run(capsys, "explain", "--checkpoint", str(random_checkpoint), "--data-dir", str(tmp_path / "flat"), "--out", str(tmp_path / "out"))
+    code, _, err = _run(
+        capsys,
+        "explain",
+        "--checkpoint",
+        str(random_checkpoint),
+        "--data-dir",
+        str(tmp_path / "flat"),
+        "--out",
+        str(tmp_path / "out"),
+    )
     _assert_clean_failure(code, err, "--data-dir", "test/")
     assert not (tmp_path / "out").exists()
 
@@ -148,7 +204,9 @@ def test_wrong_data_dir_layout(capsys, random_checkpoint, tmp_path):
 def test_unreadable_image(capsys, random_checkpoint, tmp_path):
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\nbroken")
-    code, _, err = _run(capsys, "explain", "--checkpoint", str(random_checkpoint), "--image", str(bad), "--out", str(tmp_path / "out"))
+    code, _, err = _run(
+        capsys, "explain", "--checkpoint", str(random_checkpoint), "--image", str(bad), "--out", str(tmp_path / "out")
+    )
     _assert_clean_failure(code, err, "broken.png")
     assert not (tmp_path / "out").exists()
 
@@ -156,11 +214,15 @@ def test_unreadable_image(capsys, random_checkpoint, tmp_path):
 def test_unwritable_out(capsys, random_checkpoint, tiny_folder, tmp_path):
     blocker = tmp_path / "blocker"
     blocker.write_text("a file where a directory should be")
-    code, _, err = _run(capsys, "explain", "--checkpoint", str(random_checkpoint), "--data-dir", str(tiny_folder), "--out", str(blocker / "out"))
+    code, _, err = _run(
+        capsys, "explain", "--checkpoint", str(random_checkpoint), "--data-dir", str(tiny_folder), "--out", str(blocker / "out")
+    )
     _assert_clean_failure(code, err, "--out")
 
 
-@pytest.mark.parametrize("argv", [["explain", "--limit", "0"], ["explain", "--batch-size", "-3"], ["explain", "--device", "tpu"], ["nope"]])
+@pytest.mark.parametrize(
+    "argv", [["explain", "--limit", "0"], ["explain", "--batch-size", "-3"], ["explain", "--device", "tpu"], ["nope"]]
+)
 def test_bad_flags_are_one_line(capsys, argv):
     with pytest.raises(SystemExit) as info:
         main(argv)
@@ -179,9 +241,26 @@ def test_methods_command_lists_plugins(capsys):
 def test_python_dash_m_end_to_end_on_the_trained_model(trained_model_path, cifar_dir, tmp_path):
     out = tmp_path / "e2e"
     proc = subprocess.run(
-        [sys.executable, "-m", "explainkit", "explain", "--method", "gradcam,gradcam++,captum-gradcam",
-         "--checkpoint", str(trained_model_path), "--data-dir", str(cifar_dir), "--limit", "200", "--out", str(out)],
-        capture_output=True, text=True, cwd=REPO, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "explainkit",
+            "explain",
+            "--method",
+            "gradcam,gradcam++,captum-gradcam",
+            "--checkpoint",
+            str(trained_model_path),
+            "--data-dir",
+            str(cifar_dir),
+            "--limit",
+            "200",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr
     summary = json.loads((out / "summary.json").read_text())
@@ -191,8 +270,13 @@ def test_python_dash_m_end_to_end_on_the_trained_model(trained_model_path, cifar
 
 
 def test_python_dash_m_bad_input_has_no_traceback(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "explainkit", "explain", "--checkpoint", str(tmp_path / "x.pt")],
-                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "explainkit", "explain", "--checkpoint", str(tmp_path / "x.pt")],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 

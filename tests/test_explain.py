@@ -43,8 +43,17 @@ def test_explain_dataset_writes_everything(random_model, tiny_folder, tmp_path):
     dataset = load_split("test", ModelCard(), tiny_folder)
     explainers = {n: explainkit.get_explainer(n, random_model) for n in ("gradcam", "captum-gradcam")}
     result = explain_dataset(
-        random_model, ModelCard(), explainers, dataset, tmp_path, torch.device("cpu"),
-        samples=2, misclassified=4, limit=10, batch_size=4, save_maps=True,
+        random_model,
+        ModelCard(),
+        explainers,
+        dataset,
+        tmp_path,
+        torch.device("cpu"),
+        samples=2,
+        misclassified=4,
+        limit=10,
+        batch_size=4,
+        save_maps=True,
     )
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == ["maps.zarr", "methods.png", "misclassified.png", "per_class.png", "summary.json"]
@@ -62,8 +71,16 @@ def test_explain_dataset_writes_everything(random_model, tiny_folder, tmp_path):
 
 def test_explain_images(random_model, tmp_path):
     images = ModelCard().preprocess(np.zeros((2, 32, 32, 3), dtype=np.uint8))
-    result = explain_images(random_model, ModelCard(), {"gradcam": explainkit.get_explainer("gradcam", random_model)},
-                            images, ["a.png", "b.png"], tmp_path, torch.device("cpu"), save_maps=True)
+    result = explain_images(
+        random_model,
+        ModelCard(),
+        {"gradcam": explainkit.get_explainer("gradcam", random_model)},
+        images,
+        ["a.png", "b.png"],
+        tmp_path,
+        torch.device("cpu"),
+        save_maps=True,
+    )
     assert [p["image"] for p in result.summary["predictions"]] == ["a.png", "b.png"]
     assert (tmp_path / "per_class.png").exists()
     maps = np.asarray(explainkit.load_maps(tmp_path)["gradcam"][:])
@@ -72,11 +89,23 @@ def test_explain_images(random_model, tmp_path):
 
 def test_a_plugin_that_only_returns_maps_still_gets_probabilities(random_model, tiny_folder, tmp_path):
     def maps_only(images, targets=None, normalize=True):
-        return torch.rand(len(images), *images.shape[-2:]) if targets != "all" else torch.rand(len(images), 10, *images.shape[-2:])
+        return (
+            torch.rand(len(images), *images.shape[-2:]) if targets != "all" else torch.rand(len(images), 10, *images.shape[-2:])
+        )
 
     dataset = load_split("test", ModelCard(), tiny_folder)
-    result = explain_dataset(random_model, ModelCard(), {"plain": maps_only, "gradcam": explainkit.get_explainer("gradcam", random_model)},
-                             dataset, tmp_path, torch.device("cpu"), samples=2, misclassified=2, batch_size=8, save_maps=True)
+    result = explain_dataset(
+        random_model,
+        ModelCard(),
+        {"plain": maps_only, "gradcam": explainkit.get_explainer("gradcam", random_model)},
+        dataset,
+        tmp_path,
+        torch.device("cpu"),
+        samples=2,
+        misclassified=2,
+        batch_size=8,
+        save_maps=True,
+    )
     assert result.summary["images"] == 20
     assert explainkit.load_maps(tmp_path)["plain"].shape == (20, 32, 32)
 
@@ -84,8 +113,18 @@ def test_a_plugin_that_only_returns_maps_still_gets_probabilities(random_model, 
 def test_saved_maps_are_the_explainers_maps_in_scan_order(random_model, tiny_folder, tmp_path):
     dataset = load_split("test", ModelCard(), tiny_folder)
     gradcam = explainkit.get_explainer("gradcam", random_model)
-    explain_dataset(random_model, ModelCard(), {"gradcam": gradcam}, dataset, tmp_path, torch.device("cpu"),
-                    samples=1, misclassified=1, batch_size=6, save_maps=True)
+    explain_dataset(
+        random_model,
+        ModelCard(),
+        {"gradcam": gradcam},
+        dataset,
+        tmp_path,
+        torch.device("cpu"),
+        samples=1,
+        misclassified=1,
+        batch_size=6,
+        save_maps=True,
+    )
     images = torch.stack([dataset[i][0] for i in range(len(dataset))])
     expected = gradcam(images).to(torch.float16).numpy()
     np.testing.assert_allclose(np.asarray(explainkit.load_maps(tmp_path)["gradcam"][:]), expected, atol=2e-3)

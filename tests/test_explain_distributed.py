@@ -37,9 +37,35 @@ def folder(tmp_path_factory) -> Path:
 
 
 def _command(processes: int, checkpoint: Path, data: Path, out: Path, batch: int, *extra: str) -> list[str]:
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"] if processes > 1 else [sys.executable]
-    return [*launcher, "-m", "explainkit", "explain", "--method", METHODS, "--checkpoint", str(checkpoint), "--data-dir", str(data),
-            "--out", str(out), "--batch-size", str(batch), "--device", "cpu", "--save-maps", "--samples", "1", "--misclassified", "2", *extra]
+    launcher = (
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+        if processes > 1
+        else [sys.executable]
+    )
+    return [
+        *launcher,
+        "-m",
+        "explainkit",
+        "explain",
+        "--method",
+        METHODS,
+        "--checkpoint",
+        str(checkpoint),
+        "--data-dir",
+        str(data),
+        "--out",
+        str(out),
+        "--batch-size",
+        str(batch),
+        "--device",
+        "cpu",
+        "--save-maps",
+        "--samples",
+        "1",
+        "--misclassified",
+        "2",
+        *extra,
+    ]
 
 
 def _env() -> dict[str, str]:
@@ -101,12 +127,22 @@ def _descendants(pid: int) -> list[int]:
 
 def _chunk_files(out: Path, chunks: list[int]) -> dict[Path, int]:
     root = out / STORE_NAME / "maps" / "gradcam"
-    return {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file() and p.relative_to(root).parts[:2] in {("c", str(c)) for c in chunks}}
+    return {
+        p: p.stat().st_mtime_ns
+        for p in root.rglob("*")
+        if p.is_file() and p.relative_to(root).parts[:2] in {("c", str(c)) for c in chunks}
+    }
 
 
 def test_killed_run_resumes_from_finished_chunks(single, random_checkpoint, folder, tmp_path):
-    process = subprocess.Popen(_command(2, random_checkpoint, folder, tmp_path, 2), cwd=REPO, env=_env(),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    process = subprocess.Popen(
+        _command(2, random_checkpoint, folder, tmp_path, 2),
+        cwd=REPO,
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     store_path = tmp_path / STORE_NAME
     deadline = time.monotonic() + 300
     done = 0
@@ -140,7 +176,13 @@ def test_killed_run_resumes_from_finished_chunks(single, random_checkpoint, fold
 
 def test_resume_refuses_a_store_made_with_other_settings(single, random_checkpoint, folder, tmp_path):
     _run(1, random_checkpoint, folder, tmp_path, 8)
-    done = subprocess.run(_command(1, random_checkpoint, folder, tmp_path, 4, "--resume"), cwd=REPO, env=_env(),
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        _command(1, random_checkpoint, folder, tmp_path, 4, "--resume"),
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 2 and "cannot resume" in done.stderr and "chunk" in done.stderr
     assert "Traceback" not in done.stderr

@@ -52,7 +52,9 @@ def test_constant_map_scores_like_random_in_expectation():
     model, images = EvidenceModel(), _images(128)
     targets = torch.zeros(len(images), dtype=torch.long)
     constant = metrics.deletion_insertion(model, images, torch.full((128, H, W), 0.5), targets, steps=16, seed=1)
-    random = metrics.deletion_insertion(model, images, torch.rand(128, H, W, generator=torch.Generator().manual_seed(2)), targets, steps=16)
+    random = metrics.deletion_insertion(
+        model, images, torch.rand(128, H, W, generator=torch.Generator().manual_seed(2)), targets, steps=16
+    )
     assert abs(constant["deletion_auc"].mean() - random["deletion_auc"].mean()) < 0.03
     assert abs(constant["insertion_auc"].mean() - random["insertion_auc"].mean()) < 0.03
 

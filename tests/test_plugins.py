@@ -77,8 +77,11 @@ def test_misspelled_hook_skips_that_plugin_with_a_warning(monkeypatch, fresh_plu
 
     module.register_explainer = register_explainer
     monkeypatch.setitem(__import__("sys").modules, "ek_test_typo_plugin", module)
-    _fake_entry_points(monkeypatch, EntryPoint("typo", "ek_test_typo_plugin", "explainkit"),
-                       EntryPoint("good", "ek_test_good_plugin", "explainkit"))
+    _fake_entry_points(
+        monkeypatch,
+        EntryPoint("typo", "ek_test_typo_plugin", "explainkit"),
+        EntryPoint("good", "ek_test_good_plugin", "explainkit"),
+    )
     plugins.reset_plugin_manager()
     with pytest.warns(RuntimeWarning, match="'typo'.*does not define"):
         manager = explainkit.plugin_manager()

@@ -22,7 +22,9 @@ def test_cascade_order_is_output_side_first(random_model):
 def test_randomization_leaves_the_model_alone(random_model):
     before = {k: v.clone() for k, v in random_model.state_dict().items()}
     images = torch.randn(4, 3, 32, 32)
-    steps = cascading_randomization(random_model, lambda m: explainkit.get_explainer("gradcam", m), images, torch.zeros(4, dtype=torch.long))
+    steps = cascading_randomization(
+        random_model, lambda m: explainkit.get_explainer("gradcam", m), images, torch.zeros(4, dtype=torch.long)
+    )
     assert [s["randomized"] for s in steps][:2] == ["fc", "layer4"]
     for key, value in random_model.state_dict().items():
         assert torch.equal(value, before[key]), key

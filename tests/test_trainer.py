@@ -35,7 +35,16 @@ def test_loss_decreases_and_outputs_exist(trained_run):
     out, result = trained_run
     losses = [row["train_loss"] for row in result.history]
     assert len(losses) == 3 and losses[-1] < losses[0]
-    for name in ("model.pt", "model.json", "last.ckpt", "history.csv", "curves.png", "confusion_matrix.png", "misclassified.png", "samples.png"):
+    for name in (
+        "model.pt",
+        "model.json",
+        "last.ckpt",
+        "history.csv",
+        "curves.png",
+        "confusion_matrix.png",
+        "misclassified.png",
+        "samples.png",
+    ):
         assert (out / name).is_file(), name
     assert not [p for p in out.iterdir() if ".tmp" in p.name]
     with open(out / "history.csv") as handle:
@@ -57,8 +66,26 @@ def test_model_and_checkpoint_round_trip(trained_run, color_folder):
 
 def test_resume_after_sigkill(color_folder, tmp_path):
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "explainkit", "train", "--recipe", "quick", "--epochs", "4", "--batch-size", "8",
-           "--data-dir", str(color_folder), "--out", str(out), "--workers", "0", "--device", "cpu"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "explainkit",
+        "train",
+        "--recipe",
+        "quick",
+        "--epochs",
+        "4",
+        "--batch-size",
+        "8",
+        "--data-dir",
+        str(color_folder),
+        "--out",
+        str(out),
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+    ]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 300
@@ -84,9 +111,33 @@ def test_ddp_two_gloo_processes(color_folder, tmp_path):
     out = tmp_path / "ddp"
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533"]
     proc = subprocess.run(
-        torchrun + ["-m", "explainkit", "train", "--recipe", "quick", "--epochs", "1", "--batch-size", "8",
-                    "--test-limit", "19", "--data-dir", str(color_folder), "--out", str(out), "--workers", "0", "--device", "cpu"],
-        cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        torchrun
+        + [
+            "-m",
+            "explainkit",
+            "train",
+            "--recipe",
+            "quick",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "8",
+            "--test-limit",
+            "19",
+            "--data-dir",
+            str(color_folder),
+            "--out",
+            str(out),
+            "--workers",
+            "0",
+            "--device",
+            "cpu",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (proc.stdout + proc.stderr).count("Test set: Average loss") == 1  # only rank 0 reports
@@ -94,7 +145,16 @@ def test_ddp_two_gloo_processes(color_folder, tmp_path):
     assert card.extra["world_size"] == 2
     assert card.extra["test_images"] == 19  # every test image exactly once: no padded duplicates
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["model.pt", "model.json", "last.ckpt", "history.csv", "curves.png", "confusion_matrix.png", "misclassified.png", "samples.png"]
+        [
+            "model.pt",
+            "model.json",
+            "last.ckpt",
+            "history.csv",
+            "curves.png",
+            "confusion_matrix.png",
+            "misclassified.png",
+            "samples.png",
+        ]
     )
 
 

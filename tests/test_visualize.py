@@ -33,7 +33,9 @@ def test_grids_write_pngs(tmp_path):
             visualize.misclassified_grid(torch.empty(0), torch.empty(0), torch.empty(0), [], [], [], CLASSES, 0, 10),
             tmp_path / "c.png",
         ),
-        visualize.save_figure(visualize.methods_grid(images, {"m1": maps[:, 0], "m2": maps[:, 1]}, ["x", "y"]), tmp_path / "d.png"),
+        visualize.save_figure(
+            visualize.methods_grid(images, {"m1": maps[:, 0], "m2": maps[:, 1]}, ["x", "y"]), tmp_path / "d.png"
+        ),
     ]
     for path in paths:
         with Image.open(path) as image:

@@ -62,7 +62,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         from explainkit.evaluation import synthetic
 
         factories = _factories(methods, args.layer or synthetic.LAST_CONV)
-        for name, factory in factories.items():  # validate layer/method before the training
+        for factory in factories.values():  # validate layer/method before the training
             factory(synthetic.small_cnn())
         out = ensure_writable_dir(args.out)
         backgrounds = None
@@ -85,11 +85,25 @@ def run_evaluate(args: argparse.Namespace) -> int:
         picks = torch.linspace(0, len(dataset) - 1, min(args.limit, len(dataset))).long().tolist()
         images = torch.stack([x for x, _ in Subset(dataset, picks)]).to(device)
         results, curves = run.evaluate_faithfulness(
-            model, model.card, factories, images, args.layer, steps=args.steps, batch_size=args.batch_size, seed=args.seed, skip=skip
+            model,
+            model.card,
+            factories,
+            images,
+            args.layer,
+            steps=args.steps,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            skip=skip,
         )
         results["meta"] = {
-            "model": str(checkpoint), "layer": layer_name, "images": len(images), "steps": args.steps, "device": str(device),
-            "seconds": round(time.perf_counter() - started, 1), "seed": args.seed, "skipped": sorted(skip),
+            "model": str(checkpoint),
+            "layer": layer_name,
+            "images": len(images),
+            "steps": args.steps,
+            "device": str(device),
+            "seconds": round(time.perf_counter() - started, 1),
+            "seed": args.seed,
+            "skipped": sorted(skip),
         }
         if curves:
             save_figure(run.curves_figure(curves), out / "deletion_insertion.png")

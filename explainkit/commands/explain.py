@@ -7,6 +7,7 @@ import sys
 
 import torch
 
+from explainkit.commands.train import train_quick_for_explain
 from explainkit.data import load_split
 from explainkit.device import select_device
 from explainkit.distributed import init_distributed
@@ -14,7 +15,6 @@ from explainkit.errors import ExplainkitError
 from explainkit.explain import explain_dataset, explain_images
 from explainkit.images import read_image
 from explainkit.io import ensure_writable_dir
-from explainkit.commands.train import train_quick_for_explain
 from explainkit.models import load_model, newest_model, require_model_path, resnet18_cifar
 from explainkit.registry import get_explainer, require_explainer
 

@@ -28,8 +28,13 @@ def run_train(args: argparse.Namespace) -> int:
     from explainkit.training.trainer import train
 
     recipe = resolve_recipe(
-        args.recipe, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
-        train_limit=args.train_limit, test_limit=args.test_limit,
+        args.recipe,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        optimizer=args.optimizer,
+        train_limit=args.train_limit,
+        test_limit=args.test_limit,
     )
     device = select_device(args.device)
     root = data_dir_from_env(args.data_dir)
@@ -37,8 +42,17 @@ def run_train(args: argparse.Namespace) -> int:
         check_image_folder(root, ("train", "test"))
     out = ensure_writable_dir(args.out or default_train_out(getattr(args, "models_dir", None)))
     print(f"training resnet18-cifar with the {recipe.name!r} recipe on {device} into {out}/", file=sys.stderr)
-    result = train(recipe, out, data_dir=args.data_dir, device=device, seed=args.seed, resume=args.resume, workers=args.workers,
-                   data_path=args.data_path, compile=args.compile)
+    result = train(
+        recipe,
+        out,
+        data_dir=args.data_dir,
+        device=device,
+        seed=args.seed,
+        resume=args.resume,
+        workers=args.workers,
+        data_path=args.data_path,
+        compile=args.compile,
+    )
     print(f"test accuracy {100 * result.test_accuracy:.2f}% after {len(result.history)} epochs", file=sys.stderr)
     for path in result.outputs:
         print(path)
@@ -46,11 +60,12 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_lr_find(args: argparse.Namespace) -> int:
-    from explainkit.models import resnet18_cifar
-    from explainkit.training.trainer import limit_dataset, load_datasets, make_optimizer
-    from explainkit.training.lr_find import find_lr
-    from torch.utils.data import DataLoader
     import torch
+    from torch.utils.data import DataLoader
+
+    from explainkit.models import resnet18_cifar
+    from explainkit.training.lr_find import find_lr
+    from explainkit.training.trainer import limit_dataset, load_datasets, make_optimizer
 
     recipe = resolve_recipe("reference", batch_size=args.batch_size, train_limit=args.train_limit)
     device = select_device(args.device)
@@ -59,10 +74,18 @@ def run_lr_find(args: argparse.Namespace) -> int:
     train_set = limit_dataset(train_set, recipe.train_limit, args.seed, spread=False)
     torch.manual_seed(args.seed)
     generator = torch.Generator().manual_seed(args.seed)
-    loader = DataLoader(train_set, batch_size=recipe.batch_size, shuffle=True, generator=generator,
-                        num_workers=1 if device.type == "cpu" else 8, pin_memory=device.type == "cuda")
+    loader = DataLoader(
+        train_set,
+        batch_size=recipe.batch_size,
+        shuffle=True,
+        generator=generator,
+        num_workers=1 if device.type == "cpu" else 8,
+        pin_memory=device.type == "cuda",
+    )
     model = resnet18_cifar(len(classes)).to(device)
-    suggested = find_lr(model, make_optimizer(recipe, model, 1e-7), nn.CrossEntropyLoss(), loader, device, out, num_iter=args.num_iter)
+    suggested = find_lr(
+        model, make_optimizer(recipe, model, 1e-7), nn.CrossEntropyLoss(), loader, device, out, num_iter=args.num_iter
+    )
     print(f"suggested LR (steepest gradient): {suggested:.3e}")
     print(out / "lr_find.png")
     return 0
@@ -82,8 +105,12 @@ def lr_value(text: str) -> float | str:
 
 def add_train_parser(sub, positive_int, device_choices) -> None:
     train = sub.add_parser("train", help="train a CIFAR ResNet18 (reference, default or quick recipe)")
-    train.add_argument("--recipe", choices=("default", "reference", "quick"), default="default",
-                       help="reference = the course run; default = our GPU recipe; quick = ~5 min on a CPU")
+    train.add_argument(
+        "--recipe",
+        choices=("default", "reference", "quick"),
+        default="default",
+        help="reference = the course run; default = our GPU recipe; quick = ~5 min on a CPU",
+    )
     train.add_argument("--epochs", type=positive_int)
     train.add_argument("--batch-size", type=positive_int)
     train.add_argument("--lr", type=lr_value, help="OneCycle max LR, or 'auto' to run the LR range test first")
@@ -96,10 +123,16 @@ def add_train_parser(sub, positive_int, device_choices) -> None:
     train.add_argument("--resume", action="store_true", help="continue from OUT/last.ckpt")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--workers", type=int, help="DataLoader workers (default: 1 on CPU, up to 8 on CUDA)")
-    train.add_argument("--data-path", choices=("auto", "loader", "device"), default="auto",
-                       help="device = decode the splits once into tensors on the device and augment there; "
-                            "loader = PIL + albumentations in DataLoader workers; auto (default) = device on CUDA")
-    train.add_argument("--compile", action="store_true", help="torch.compile the model (measured on an H200: slower for this model)")
+    train.add_argument(
+        "--data-path",
+        choices=("auto", "loader", "device"),
+        default="auto",
+        help="device = decode the splits once into tensors on the device and augment there; "
+        "loader = PIL + albumentations in DataLoader workers; auto (default) = device on CUDA",
+    )
+    train.add_argument(
+        "--compile", action="store_true", help="torch.compile the model (measured on an H200: slower for this model)"
+    )
     train.add_argument("--device", choices=device_choices, default="auto")
 
     lr_find = sub.add_parser("lr-find", help="LR range test: suggest a max LR and save lr_find.png")
@@ -128,9 +161,22 @@ def train_quick_for_explain(args: argparse.Namespace) -> Path:
     else:
         print(f"explainkit: no model in {out.parent}/; training one with the 'default' recipe on {device}", file=sys.stderr)
     namespace = argparse.Namespace(
-        recipe=recipe_name, epochs=None, batch_size=None, lr=None, optimizer=None, train_limit=None, test_limit=None,
-        device=args.device, out=str(out), models_dir=args.models_dir, data_dir=args.data_dir, seed=0, resume=False, workers=None,
-        data_path="auto", compile=False,
+        recipe=recipe_name,
+        epochs=None,
+        batch_size=None,
+        lr=None,
+        optimizer=None,
+        train_limit=None,
+        test_limit=None,
+        device=args.device,
+        out=str(out),
+        models_dir=args.models_dir,
+        data_dir=args.data_dir,
+        seed=0,
+        resume=False,
+        workers=None,
+        data_path="auto",
+        compile=False,
     )
     if run_train(namespace) != 0:
         raise ExplainkitError("training failed")

@@ -44,7 +44,13 @@ def _probabilities(model: nn.Module, images: torch.Tensor, targets: torch.Tensor
 
 
 def perturbation_curve(
-    model: nn.Module, start: torch.Tensor, end: torch.Tensor, ranks: torch.Tensor, targets: torch.Tensor, steps: int, batch_size: int = 256
+    model: nn.Module,
+    start: torch.Tensor,
+    end: torch.Tensor,
+    ranks: torch.Tensor,
+    targets: torch.Tensor,
+    steps: int,
+    batch_size: int = 256,
 ) -> torch.Tensor:
     """Switch pixels from ``start`` to ``end`` in rank order over ``steps`` equal steps: ``(N, steps+1)`` probabilities."""
     n, c, h, w = start.shape
@@ -62,14 +68,25 @@ def auc(curve: torch.Tensor) -> torch.Tensor:
 
 
 def deletion_insertion(
-    model: nn.Module, images: torch.Tensor, maps: torch.Tensor, targets: torch.Tensor, steps: int, seed: int = 0, batch_size: int = 256
+    model: nn.Module,
+    images: torch.Tensor,
+    maps: torch.Tensor,
+    targets: torch.Tensor,
+    steps: int,
+    seed: int = 0,
+    batch_size: int = 256,
 ) -> dict[str, torch.Tensor]:
     """Deletion (pixels -> dataset mean, i.e. 0 after normalisation) and insertion (from a blurred copy) curves and AUCs."""
     ranks = saliency_ranks(maps, torch.Generator().manual_seed(seed))
     blurred = TF.gaussian_blur(images, kernel_size=BLUR_KERNEL, sigma=BLUR_SIGMA)
     deletion = perturbation_curve(model, images, torch.zeros_like(images), ranks, targets, steps, batch_size)
     insertion = perturbation_curve(model, blurred, images, ranks, targets, steps, batch_size)
-    return {"deletion_curve": deletion, "insertion_curve": insertion, "deletion_auc": auc(deletion), "insertion_auc": auc(insertion)}
+    return {
+        "deletion_curve": deletion,
+        "insertion_curve": insertion,
+        "deletion_auc": auc(deletion),
+        "insertion_auc": auc(insertion),
+    }
 
 
 def average_drop_increase(

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any, Callable
 
-import matplotlib
-from matplotlib.axes import Axes
-from matplotlib.figure import Figure
 import torch
 import torch.nn as nn
+from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
 from explainkit.card import ModelCard
@@ -18,7 +15,6 @@ from explainkit.errors import ExplainkitError
 from explainkit.evaluation import metrics, synthetic
 from explainkit.evaluation.baselines import BASELINE_PREFIX, BASELINES, make_baseline
 from explainkit.evaluation.sanity import cascading_randomization
-from explainkit.visualize import save_figure
 
 SCHEMA_VERSION = 1
 LOWER_IS_BETTER = {"deletion_auc", "average_drop", "road_morf"}
@@ -81,13 +77,19 @@ def evaluate_faithfulness(
             per_image["deletion_auc"], per_image["insertion_auc"] = scores["deletion_auc"], scores["insertion_auc"]
             curves[name] = torch.stack([scores["deletion_curve"].mean(0), scores["insertion_curve"].mean(0)]).cpu()
         if "confidence" not in skip:
-            per_image["average_drop"], per_image["increase_in_confidence"] = metrics.average_drop_increase(model, images, maps, targets, card, batch_size)
+            per_image["average_drop"], per_image["increase_in_confidence"] = metrics.average_drop_increase(
+                model, images, maps, targets, card, batch_size
+            )
         if "road" not in skip:
             per_image["road_morf"], per_image["road_lerf"] = metrics.road(model, images, maps, targets)
         results[name] = _summarise({k: v.cpu() for k, v in per_image.items()}, seed)
         if not name.startswith(BASELINE_PREFIX) and "sanity" not in skip:
             results[name]["sanity"] = cascading_randomization(
-                model, lambda m, factory=factory, name=name: (lambda x, t: collect_maps(name, factory(m), x, t, batch_size)), images, targets, seed
+                model,
+                lambda m, factory=factory, name=name: lambda x, t: collect_maps(name, factory(m), x, t, batch_size),
+                images,
+                targets,
+                seed,
             )
     return results, curves
 
@@ -166,12 +168,22 @@ def evaluate_synthetic(
         maps = collect_maps(name, factory(model), test_set.images, test_set.labels, batch_size)
         all_maps[name] = maps
         results[name] = _summarise(
-            {"pointing_game": synthetic.pointing_game(maps, test_set.boxes), "energy_in_box": synthetic.energy_in_box(maps, test_set.boxes)}, seed
+            {
+                "pointing_game": synthetic.pointing_game(maps, test_set.boxes),
+                "energy_in_box": synthetic.energy_in_box(maps, test_set.boxes),
+            },
+            seed,
         )
     results["meta"] = {
-        "task": "synthetic localisation", "classes": synthetic.NUM_CLASSES, "train_images": train_count, "test_images": test_count,
-        "model": "small CNN, 3 downsamplings", "layer": synthetic.LAST_CONV, "test_accuracy": round(accuracy, 4),
-        "box_area_share": synthetic.PATCH**2 / synthetic.SIZE**2, "seconds": round(time.perf_counter() - started, 1),
+        "task": "synthetic localisation",
+        "classes": synthetic.NUM_CLASSES,
+        "train_images": train_count,
+        "test_images": test_count,
+        "model": "small CNN, 3 downsamplings",
+        "layer": synthetic.LAST_CONV,
+        "test_accuracy": round(accuracy, 4),
+        "box_area_share": synthetic.PATCH**2 / synthetic.SIZE**2,
+        "seconds": round(time.perf_counter() - started, 1),
         "background": "CIFAR-10 images" if backgrounds is not None else "smooth noise",
     }
     return results, test_set, all_maps

@@ -58,7 +58,9 @@ def generate(count: int, seed: int = 0, backgrounds: torch.Tensor | None = None)
     for i in range(count):  # generating data, not a hot path
         taken = []
         n_distractors = int(torch.randint(1, 3, (1,), generator=generator))
-        kinds = [int(labels[i])] + [NUM_CLASSES + int(torch.randint(0, 2, (1,), generator=generator)) for _ in range(n_distractors)]
+        kinds = [int(labels[i])] + [
+            NUM_CLASSES + int(torch.randint(0, 2, (1,), generator=generator)) for _ in range(n_distractors)
+        ]
         for j, kind in enumerate(kinds):
             for _ in range(50):  # rejection-sample a free spot
                 y, x = (int(v) for v in torch.randint(0, SIZE - PATCH + 1, (2,), generator=generator))
@@ -92,7 +94,9 @@ def small_cnn(num_classes: int = NUM_CLASSES) -> nn.Sequential:
 LAST_CONV = "0.10"  # the ReLU after the last conv of small_cnn (8x8 maps)
 
 
-def train_small_cnn(data: SyntheticSet, epochs: int = 6, batch_size: int = 128, seed: int = 0, progress: bool = True) -> nn.Module:
+def train_small_cnn(
+    data: SyntheticSet, epochs: int = 6, batch_size: int = 128, seed: int = 0, progress: bool = True
+) -> nn.Module:
     from tqdm.auto import tqdm
 
     torch.manual_seed(seed)

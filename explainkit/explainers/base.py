@@ -179,9 +179,7 @@ class Explainer(ABC):
         return Explanation(maps, logits.detach(), None if isinstance(resolved, str) else resolved)
 
     @abstractmethod
-    def compute(
-        self, images: torch.Tensor, targets: Targets
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | str]:
+    def compute(self, images: torch.Tensor, targets: Targets) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | str]:
         """Return ``(raw_maps, logits, resolved_targets)`` for a batch, the model already in eval mode.
 
         ``raw_maps`` is ``(N, h, w)`` (or ``(N, K, h, w)`` for ``"all"``) at any resolution; the

@@ -6,7 +6,6 @@ import contextlib
 import io
 import math
 from pathlib import Path
-
 from typing import Iterable
 
 import torch

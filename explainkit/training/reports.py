@@ -5,11 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-import matplotlib
-from matplotlib.axes import Axes
-from matplotlib.figure import Figure
 import torch
 import torch.nn as nn
+from matplotlib.figure import Figure
 from torch.utils.data import Dataset, Subset
 
 from explainkit.card import ModelCard
@@ -21,7 +19,12 @@ def curves_figure(history: Sequence[dict[str, float]]) -> Figure:
     epochs = [row["epoch"] for row in history]
     fig = Figure(figsize=(10, 7))
     axes = fig.subplots(2, 2)
-    panels = [("train_loss", "Training loss"), ("test_loss", "Test loss"), ("train_accuracy", "Training accuracy (%)"), ("test_accuracy", "Test accuracy (%)")]
+    panels = [
+        ("train_loss", "Training loss"),
+        ("test_loss", "Test loss"),
+        ("train_accuracy", "Training accuracy (%)"),
+        ("test_accuracy", "Test accuracy (%)"),
+    ]
     for ax, (key, title) in zip(axes.flat, panels):
         values = [row[key] * (100 if "accuracy" in key else 1) for row in history]
         ax.plot(epochs, values, marker="o", markersize=3)
@@ -52,7 +55,15 @@ def confusion_figure(confusion: torch.Tensor, classes: Sequence[str]) -> Figure:
     if k <= 20:
         for i in range(k):
             for j in range(k):
-                ax.text(j, i, f"{matrix[i, j]:.2f}", ha="center", va="center", fontsize=7, color="white" if matrix[i, j] > 0.5 else "black")
+                ax.text(
+                    j,
+                    i,
+                    f"{matrix[i, j]:.2f}",
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white" if matrix[i, j] > 0.5 else "black",
+                )
     fig.colorbar(image, ax=ax, fraction=0.046)
     accuracy = float(confusion.diag().sum() / confusion.sum().clamp_min(1))
     ax.set_title(f"Normalised confusion matrix (accuracy {100 * accuracy:.2f}%)")
@@ -60,7 +71,9 @@ def confusion_figure(confusion: torch.Tensor, classes: Sequence[str]) -> Figure:
     return fig
 
 
-def misclassified_figure(model: nn.Module, dataset: Dataset, card: ModelCard, device: torch.device, total_wrong: int, total: int, count: int = 20) -> Figure:
+def misclassified_figure(
+    model: nn.Module, dataset: Dataset, card: ModelCard, device: torch.device, total_wrong: int, total: int, count: int = 20
+) -> Figure:
     """A grid of wrong predictions titled ``Target | Predicted``, with the total count."""
     model.eval()
     wrong: list[tuple[torch.Tensor, int, int]] = []
@@ -117,7 +130,16 @@ def samples_figure(train_set: Dataset, card: ModelCard, per_class: int = 6) -> F
     return fig
 
 
-def write_reports(out: Path, history, confusion: torch.Tensor, model: nn.Module, test_set: Dataset, train_set: Dataset, card: ModelCard, device: torch.device) -> list[Path]:
+def write_reports(
+    out: Path,
+    history,
+    confusion: torch.Tensor,
+    model: nn.Module,
+    test_set: Dataset,
+    train_set: Dataset,
+    card: ModelCard,
+    device: torch.device,
+) -> list[Path]:
     total, wrong = int(confusion.sum()), int(confusion.sum() - confusion.diag().sum())
     return [
         save_figure(curves_figure(history), out / "curves.png"),

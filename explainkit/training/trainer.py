@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from explainkit.card import ModelCard
 from explainkit.data import check_image_folder, data_dir_from_env, eval_transform, open_split
+from explainkit.distributed import DistContext, init_distributed
 from explainkit.errors import DataError, ExplainkitError
 from explainkit.io import atomic_path
 from explainkit.models import resnet18_cifar, save_model
@@ -39,7 +40,6 @@ from explainkit.training.device_data import (
     decode_image_folder,
     split_from_dataset,
 )
-from explainkit.distributed import DistContext, init_distributed
 from explainkit.training.lr_find import find_lr
 from explainkit.training.recipes import Recipe
 
@@ -56,7 +56,9 @@ class TrainResult:
 
 
 # --- data -------------------------------------------------------------------------------------
-def load_datasets(data_dir: str | Path | None, recipe: Recipe, card: ModelCard, download: bool = True) -> tuple[Dataset, Dataset, list[str]]:
+def load_datasets(
+    data_dir: str | Path | None, recipe: Recipe, card: ModelCard, download: bool = True
+) -> tuple[Dataset, Dataset, list[str]]:
     """(augmented train, plain test, classes) from an ImageFolder tree or torchvision's CIFAR-10."""
     root = data_dir_from_env(data_dir)
     if root is not None:  # both splits checked before either is read
@@ -129,7 +131,9 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 def make_optimizer(recipe: Recipe, model: nn.Module, lr: float) -> torch.optim.Optimizer:
     if recipe.optimizer == "adam":
         return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=recipe.weight_decay)
-    return torch.optim.SGD(model.parameters(), lr=lr, momentum=recipe.momentum, nesterov=recipe.nesterov, weight_decay=recipe.weight_decay)
+    return torch.optim.SGD(
+        model.parameters(), lr=lr, momentum=recipe.momentum, nesterov=recipe.nesterov, weight_decay=recipe.weight_decay
+    )
 
 
 def _scheduler(recipe: Recipe, optimizer: torch.optim.Optimizer, max_lr: float, total_steps: int):
@@ -138,12 +142,20 @@ def _scheduler(recipe: Recipe, optimizer: torch.optim.Optimizer, max_lr: float, 
     # OneCycleLR divides by zero when the warm-up rounds to under two steps (tiny subsets).
     pct_start = min(max(recipe.pct_start, 2.0 / total_steps), 0.5)
     return torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=max_lr, total_steps=total_steps, pct_start=pct_start, div_factor=recipe.div_factor,
-        final_div_factor=recipe.final_div_factor, anneal_strategy=recipe.anneal_strategy, three_phase=False,
+        optimizer,
+        max_lr=max_lr,
+        total_steps=total_steps,
+        pct_start=pct_start,
+        div_factor=recipe.div_factor,
+        final_div_factor=recipe.final_div_factor,
+        anneal_strategy=recipe.anneal_strategy,
+        three_phase=False,
     )
 
 
-def evaluate(model: nn.Module, loader: Iterable, device: torch.device, num_classes: int, ctx: DistContext, amp: bool) -> tuple[float, torch.Tensor]:
+def evaluate(
+    model: nn.Module, loader: Iterable, device: torch.device, num_classes: int, ctx: DistContext, amp: bool
+) -> tuple[float, torch.Tensor]:
     """(summed loss, confusion matrix [true, predicted]) over every test image exactly once across ranks."""
     model.eval()
     confusion = torch.zeros(num_classes * num_classes, dtype=torch.float64, device=device)
@@ -211,11 +223,19 @@ def loader_data(recipe: Recipe, data_dir, device: torch.device, seed: int, ctx: 
     generator = torch.Generator()
     sampler = (
         DistributedSampler(train_set, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=seed)
-        if ctx.enabled else RandomSampler(train_set, generator=generator)
+        if ctx.enabled
+        else RandomSampler(train_set, generator=generator)
     )
     loader_args = dict(num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=False)
-    train_loader = DataLoader(train_set, batch_size=recipe.batch_size, sampler=sampler, drop_last=False,
-                              worker_init_fn=_reseed_worker, generator=generator, **loader_args)
+    train_loader = DataLoader(
+        train_set,
+        batch_size=recipe.batch_size,
+        sampler=sampler,
+        drop_last=False,
+        worker_init_fn=_reseed_worker,
+        generator=generator,
+        **loader_args,
+    )
     test_loader = DataLoader(test_shard, batch_size=max(recipe.batch_size, 256), **loader_args)
 
     def start_epoch(epoch: int) -> None:
@@ -245,13 +265,29 @@ def device_data(recipe: Recipe, data_dir, device: torch.device, seed: int, ctx: 
     if (keep := subset_indices(len(test_split), recipe.test_limit, seed, spread=True)) is not None:
         test_split = test_split.subset(keep)
     augment = DeviceAugment(recipe, card.mean, card.image_size[0])
-    train = DeviceBatches(train_split, recipe.batch_size, card.mean, card.std, augment, shuffle=True, seed=seed,
-                          rank=ctx.rank, world_size=ctx.world_size)
+    train = DeviceBatches(
+        train_split,
+        recipe.batch_size,
+        card.mean,
+        card.std,
+        augment,
+        shuffle=True,
+        seed=seed,
+        rank=ctx.rank,
+        world_size=ctx.world_size,
+    )
     test = DeviceBatches(test_split, max(recipe.batch_size, 256), card.mean, card.std, rank=ctx.rank, world_size=ctx.world_size)
     test_shard = test_split.subset(torch.arange(ctx.rank, len(test_split), ctx.world_size))
     report_train = SplitDataset(train_split, card.mean, card.std, augment, seed)
-    return TrainData("device", train, test, SplitDataset(test_shard, card.mean, card.std), report_train,
-                     list(train_split.classes), train.set_epoch)
+    return TrainData(
+        "device",
+        train,
+        test,
+        SplitDataset(test_shard, card.mean, card.std),
+        report_train,
+        list(train_split.classes),
+        train.set_epoch,
+    )
 
 
 def _resume_state(recipe: Recipe, checkpoint_path: Path, resume: bool) -> tuple[Recipe, dict[str, Any] | None]:
@@ -363,7 +399,9 @@ def train(
         recipe = replace(recipe, lr=max_lr)
         if ctx.is_main:
             outputs.append(out / "lr_find.png")
-    net: nn.Module = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if ctx.enabled else model
+    net: nn.Module = (
+        DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if ctx.enabled else model
+    )
     if compile:
         net = torch.compile(net, **({"backend": compile} if isinstance(compile, str) else {}))  # type: ignore[assignment]
     optimizer = make_optimizer(recipe, model, float(max_lr))
@@ -407,8 +445,15 @@ def train(
                 f"({100 * row['test_accuracy']:.2f}%)  [{row['seconds']:.1f}s]"
             )
             save_checkpoint(
-                checkpoint_path, model=model.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                epoch=epoch + 1, rng=_rng_state(), history=history, recipe=recipe.to_dict(), seed=seed,
+                checkpoint_path,
+                model=model.state_dict(),
+                optimizer=optimizer.state_dict(),
+                scheduler=scheduler.state_dict(),
+                epoch=epoch + 1,
+                rng=_rng_state(),
+                history=history,
+                recipe=recipe.to_dict(),
+                seed=seed,
             )
             _write_history(out / "history.csv", history)
         ctx.barrier()
@@ -432,15 +477,25 @@ def train(
 def _card(recipe, data: TrainData, data_dir, confusion, test_accuracy, seed, device, ctx, path, loop_seconds) -> ModelCard:
     template = ModelCard()
     return ModelCard(
-        architecture="resnet18-cifar", num_classes=len(data.classes), classes=data.classes, mean=template.mean,
-        std=template.std, input_size=template.input_size, test_accuracy=round(test_accuracy, 6),
+        architecture="resnet18-cifar",
+        num_classes=len(data.classes),
+        classes=data.classes,
+        mean=template.mean,
+        std=template.std,
+        input_size=template.input_size,
+        test_accuracy=round(test_accuracy, 6),
         epochs=recipe.epochs,
         extra={
-            "recipe": recipe.to_dict(), "seed": seed, "device": str(device), "world_size": ctx.world_size,
+            "recipe": recipe.to_dict(),
+            "seed": seed,
+            "device": str(device),
+            "world_size": ctx.world_size,
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "data_path": path, "train_seconds": round(loop_seconds, 2),
+            "data_path": path,
+            "train_seconds": round(loop_seconds, 2),
             "dataset": str(data_dir_from_env(data_dir) or "torchvision CIFAR-10"),
-            "test_images": int(confusion.sum()), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "test_images": int(confusion.sum()),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         },
     )
 
