@@ -20,7 +20,7 @@ from explainkit.errors import (
 )
 from explainkit.hookspecs import hookimpl
 from explainkit.maps_store import load_maps
-from explainkit.models import build_model, load_model, save_model
+from explainkit.models import build_model, load_model, model_card, save_model
 from explainkit.plugins import plugin_manager
 from explainkit.registry import get_explainer, list_explainers
 
@@ -41,6 +41,7 @@ __all__ = [
     "list_explainers",
     "load_maps",
     "load_model",
+    "model_card",
     "plugin_manager",
     "save_model",
     "__version__",

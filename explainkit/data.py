@@ -17,6 +17,11 @@ from explainkit.errors import DataError
 SPLITS = ("train", "test")
 
 
+def dataset_size(dataset: Dataset) -> int:
+    """``len(dataset)``: every map-style dataset has one, though torch's ``Dataset`` type omits it."""
+    return len(dataset)  # type: ignore[arg-type]
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("EXPLAINKIT_CACHE_DIR") or Path.home() / ".cache" / "explainkit")
 
@@ -26,15 +31,16 @@ def data_dir_from_env(data_dir: str | Path | None) -> Path | None:
     return Path(value) if value else None
 
 
-def eval_transform(card: ModelCard) -> Callable:
+def eval_transform(card: ModelCard) -> Callable[..., torch.Tensor]:
     """PIL image -> normalised tensor at the card's input size (no augmentation)."""
-    return transforms.Compose(
+    transform: Callable[..., torch.Tensor] = transforms.Compose(
         [
             transforms.Resize(card.image_size, antialias=True),
             transforms.ToTensor(),
             transforms.Normalize(card.mean, card.std),
         ]
     )
+    return transform
 
 
 def check_image_folder(root: Path, splits: tuple[str, ...] = ("test",)) -> None:
@@ -50,7 +56,7 @@ def check_image_folder(root: Path, splits: tuple[str, ...] = ("test",)) -> None:
 
 
 def open_split(
-    split: str, transform: Callable, data_dir: str | Path | None = None, download: bool = True
+    split: str, transform: Callable[..., Any] | None, data_dir: str | Path | None = None, download: bool = True
 ) -> tuple[Dataset, list[str]]:
     """``(dataset, class names)`` for ``split`` of an ImageFolder tree or of torchvision's CIFAR-10."""
     root = data_dir_from_env(data_dir)
@@ -92,11 +98,11 @@ def make_loader(
     device: torch.device,
     shuffle: bool = False,
     workers: int | None = None,
-    batch_sampler: Sequence[Sequence[int]] | None = None,
+    batch_sampler: Sequence[list[int]] | None = None,
 ) -> DataLoader:
     """A DataLoader with worker processes and, on CUDA, pinned memory; ``batch_sampler`` (lists of
     indices) fixes each batch's rows instead of ``batch_size``/``shuffle``."""
-    size = sum(len(b) for b in batch_sampler) if batch_sampler is not None else len(dataset)  # type: ignore[arg-type]
+    size = sum(len(b) for b in batch_sampler) if batch_sampler is not None else dataset_size(dataset)
     if workers is None:
         workers = min(8, os.cpu_count() or 1) if size > batch_size else 0
     common: dict[str, Any] = dict(num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=False)

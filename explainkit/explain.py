@@ -21,9 +21,9 @@ from tqdm.auto import tqdm
 
 from explainkit import visualize
 from explainkit.card import ModelCard
-from explainkit.data import make_loader
+from explainkit.data import dataset_size, make_loader
 from explainkit.distributed import DistContext
-from explainkit.explainers.base import Explanation, evaluation_mode
+from explainkit.explainers.base import Explainer, ExplainerFn, Explanation, Targets, evaluation_mode
 from explainkit.io import write_json
 from explainkit.maps_store import STORE_NAME, MapsStore
 
@@ -38,9 +38,9 @@ class ExplainResult:
     outputs: list[Path] = field(default_factory=list)
 
 
-def _explain_batch(explainer: Any, model: nn.Module, images: torch.Tensor, targets: Any) -> Explanation:
+def _explain_batch(explainer: ExplainerFn, model: nn.Module, images: torch.Tensor, targets: Targets) -> Explanation:
     """Explanations from our explainers, or from any plugin callable that only returns maps."""
-    if hasattr(explainer, "explain"):
+    if isinstance(explainer, Explainer):
         return explainer.explain(images, targets)
     maps = explainer(images, targets)
     with torch.no_grad():
@@ -57,7 +57,8 @@ def _stack(dataset: Dataset, indices: Sequence[int]) -> tuple[torch.Tensor, torc
 
 def pick_samples(labels: torch.Tensor, count: int) -> list[int]:
     """Indices of the first ``count`` images of distinct classes (then repeats if classes run out)."""
-    chosen, seen = [], set()
+    chosen: list[int] = []
+    seen: set[int] = set()
     for index, label in enumerate(labels.tolist()):
         if len(chosen) == count:
             break
@@ -109,7 +110,7 @@ def scan(
     ``maps`` per method (CPU float16; in memory only, without a store) and ``seconds``.
     """
     ctx = ctx or DistContext()
-    pending = store.pending(ctx.rank, ctx.world_size) if store is not None else None
+    pending = store.pending(ctx.rank, ctx.world_size) if store is not None else []
     if store is not None:
         loader = make_loader(dataset, batch_size, device, batch_sampler=[store.chunk_indices(c) for c in pending])
     else:
@@ -206,24 +207,23 @@ def explain_dataset(
     ``resume`` continues an interrupted ``--save-maps`` run from the chunks it finished.
     """
     ctx = ctx or DistContext()
-    if limit is not None and limit < len(dataset):
+    if limit is not None and limit < dataset_size(dataset):
         # Evenly spaced, so a limited scan of a class-sorted ImageFolder still spans every class.
-        dataset = Subset(dataset, torch.linspace(0, len(dataset) - 1, limit).long().tolist())
+        dataset = Subset(dataset, torch.linspace(0, dataset_size(dataset) - 1, limit).long().tolist())
     primary_name, primary = next(iter(explainers.items()))
     layer_name = getattr(primary, "layer_name", None)
     started = time.perf_counter()
     store = None
     if save_maps or ctx.enabled:  # several ranks always merge through the store
+        stored_methods = list(explainers) if save_maps else []
         fingerprint = {
-            "methods": list(explainers) if save_maps else [],
-            "rows": len(dataset),
+            "methods": stored_methods,
+            "rows": dataset_size(dataset),
             "chunk": batch_size,
             "layer": layer_name,
             "model": (meta or {}).get("model"),
         }
-        store = open_store(
-            out, len(dataset), batch_size, fingerprint["methods"], tuple(card.image_size), fingerprint, resume, ctx
-        )
+        store = open_store(out, dataset_size(dataset), batch_size, stored_methods, card.image_size, fingerprint, resume, ctx)
     scanned = scan(model, dataset, device, batch_size, explainers if save_maps else None, store, ctx)
     if not ctx.is_main:
         return ExplainResult({}, [])
@@ -362,9 +362,7 @@ def explain_images(
             outputs.append(_methods_figure(results, batch, card, out, None))
         if save_maps:
             fingerprint = {"methods": list(explainers), "rows": len(names), "images": [str(n) for n in names]}
-            store = MapsStore.create(
-                out / STORE_NAME, len(names), len(names), list(explainers), tuple(card.image_size), fingerprint
-            )
+            store = MapsStore.create(out / STORE_NAME, len(names), len(names), list(explainers), card.image_size, fingerprint)
             labels = torch.full((len(names),), -1, dtype=torch.long)  # files have no labels
             store.write_chunk(0, predicted, labels, confidence, {name: r.maps for name, r in results.items()})
             outputs.append(out / STORE_NAME)

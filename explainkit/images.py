@@ -16,6 +16,7 @@ def _to_rgb_image(image: Image.Image) -> Image.Image:
     transparency is composited onto white."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         values = np.asarray(image, dtype=np.float64)
+        high: float | None
         if image.mode.startswith("I;16"):
             high = 65535.0
         else:

@@ -31,7 +31,7 @@ def default_layer(model: nn.Module) -> str:
     for name in DEFAULT_LAYER_NAMES:
         if name in modules:
             return name
-    convs = [name for name, module in model.named_modules() if isinstance(module, nn.Conv2d)]
+    convs: list[str] = [name for name, module in model.named_modules() if isinstance(module, nn.Conv2d)]
     if not convs:
         raise LayerNotFoundError(
             f"{type(model).__name__} has no Conv2d layer and no {'/'.join(DEFAULT_LAYER_NAMES)}; pass a layer explicitly"

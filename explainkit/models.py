@@ -22,7 +22,7 @@ WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth")
 
 def resnet18_cifar(num_classes: int = 10) -> nn.Module:
     """torchvision's ResNet18 with the CIFAR stem: a 3x3 stride-1 ``conv1`` and no max-pool."""
-    model = torchvision.models.resnet18(weights=None, num_classes=num_classes)
+    model: nn.Module = torchvision.models.resnet18(weights=None, num_classes=num_classes)
     model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
     model.maxpool = nn.Identity()
     return model
@@ -37,7 +37,8 @@ def build_model(architecture: str, num_classes: int) -> nn.Module:
         return ARCHITECTURES[architecture](num_classes)
     name = architecture.removeprefix("torchvision:")
     if name in torchvision.models.list_models(module=torchvision.models):
-        return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+        model: nn.Module = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+        return model
     raise CheckpointError(
         f"unknown architecture {architecture!r}; use one of {', '.join(ARCHITECTURES)} or a torchvision.models name"
     )
@@ -105,8 +106,16 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> nn
         raise CheckpointError(
             f"checkpoint {path} does not fit architecture {card.architecture!r} with {card.num_classes} classes{detail}"
         ) from None
-    model.card = card
+    model.card = card  # type: ignore[assignment]  # read it back with model_card(model)
     return model.to(map_location).eval()
+
+
+def model_card(model: nn.Module) -> ModelCard:
+    """The :class:`ModelCard` that :func:`load_model` attached to ``model``."""
+    card = getattr(model, "card", None)
+    if not isinstance(card, ModelCard):
+        raise ExplainkitError(f"{type(model).__name__} has no model card; load it with explainkit.load_model")
+    return card
 
 
 def save_model(model: nn.Module, card: ModelCard, path: str | Path) -> Path:

@@ -9,14 +9,15 @@ from __future__ import annotations
 import difflib
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Callable
 
 import torch.nn as nn
 
-from explainkit.errors import DuplicateExplainerError, UnknownExplainerError
+from explainkit.errors import DuplicateExplainerError, ExplainkitError, UnknownExplainerError
+from explainkit.explainers.base import ExplainerFn
 from explainkit.plugins import plugin_manager
 
-ExplainerFactory = Callable[..., Any]
+ExplainerFactory = Callable[..., ExplainerFn]
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,14 @@ def registrations() -> dict[str, Registration]:
     return catalog().explainers
 
 
+def parse_methods(text: str) -> list[str]:
+    """``"gradcam, gradcam++"`` -> ``["gradcam", "gradcam++"]`` (the CLI's ``--method`` value), de-duplicated in order."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise ExplainkitError("--method needs at least one explainer name")
+    return list(dict.fromkeys(names))
+
+
 def list_explainers() -> list[str]:
     """Names of all registered explainers, sorted.
 
@@ -98,7 +107,7 @@ def list_explainers() -> list[str]:
     return sorted(registrations())
 
 
-def get_explainer(name: str, model: nn.Module, layer: str | nn.Module | None = None) -> Any:
+def get_explainer(name: str, model: nn.Module, layer: str | nn.Module | None = None) -> ExplainerFn:
     """Build the explainer registered as ``name`` for ``model`` at ``layer``.
 
     Args:

@@ -24,14 +24,16 @@ CELL = 1.6  # inches per grid cell
 
 def _hwc(image: torch.Tensor | np.ndarray) -> np.ndarray:
     array = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
-    return np.clip(array.transpose(1, 2, 0), 0, 1)
+    clipped: np.ndarray = np.clip(array.transpose(1, 2, 0), 0, 1)
+    return clipped
 
 
 def overlay(image: torch.Tensor | np.ndarray, cam: torch.Tensor | np.ndarray, alpha: float = ALPHA) -> np.ndarray:
     """Blend a ``(3, H, W)`` image in [0, 1] with a colour-mapped ``(H, W)`` CAM -> ``(H, W, 3)``."""
     cam_array = cam.detach().cpu().numpy() if isinstance(cam, torch.Tensor) else np.asarray(cam)
     heat = matplotlib.colormaps[COLORMAP](np.clip(cam_array, 0, 1))[..., :3]
-    return (1 - alpha) * _hwc(image) + alpha * heat
+    blended: np.ndarray = (1 - alpha) * _hwc(image) + alpha * heat
+    return blended
 
 
 def save_figure(fig: Figure, path: str | Path) -> Path:

@@ -8,16 +8,14 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.data import Subset
 
-from explainkit.commands.explain import parse_methods
-from explainkit.data import data_dir_from_env, load_split
+from explainkit.data import data_dir_from_env, dataset_size, load_split
 from explainkit.device import select_device
 from explainkit.errors import ExplainkitError
 from explainkit.evaluation import run
 from explainkit.io import ensure_writable_dir, write_json
-from explainkit.models import load_model, require_model_path
-from explainkit.registry import require_explainer
+from explainkit.models import load_model, model_card, require_model_path
+from explainkit.registry import parse_methods, require_explainer
 from explainkit.visualize import save_figure
 
 FAITHFULNESS_COLUMNS = ["deletion_auc", "insertion_auc", "average_drop", "increase_in_confidence", "road_morf", "road_lerf"]
@@ -71,7 +69,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
             card = ModelCard()
             split = load_split("test", card, args.data_dir)
-            picks = torch.linspace(0, len(split) - 1, 2000).long().tolist()
+            picks = torch.linspace(0, dataset_size(split) - 1, 2000).long().tolist()
             backgrounds = card.denormalize(torch.stack([split[i][0] for i in picks]))
         results, _, _ = run.evaluate_synthetic(factories, seed=args.seed, backgrounds=backgrounds)
         columns = ["pointing_game", "energy_in_box"]
@@ -80,13 +78,13 @@ def run_evaluate(args: argparse.Namespace) -> int:
         model = load_model(checkpoint, map_location=device)
         factories = _factories(methods, args.layer)
         layer_name = getattr(factories[methods[0]](model), "layer_name", args.layer)  # also validates --layer
-        dataset = load_split("test", model.card, args.data_dir)
+        dataset = load_split("test", model_card(model), args.data_dir)
         out = ensure_writable_dir(args.out)
-        picks = torch.linspace(0, len(dataset) - 1, min(args.limit, len(dataset))).long().tolist()
-        images = torch.stack([x for x, _ in Subset(dataset, picks)]).to(device)
+        picks = torch.linspace(0, dataset_size(dataset) - 1, min(args.limit, dataset_size(dataset))).long().tolist()
+        images = torch.stack([dataset[i][0] for i in picks]).to(device)
         results, curves = run.evaluate_faithfulness(
             model,
-            model.card,
+            model_card(model),
             factories,
             images,
             args.layer,

@@ -7,7 +7,6 @@ import sys
 
 import torch
 
-from explainkit.commands.train import train_quick_for_explain
 from explainkit.data import load_split
 from explainkit.device import select_device
 from explainkit.distributed import init_distributed
@@ -15,15 +14,9 @@ from explainkit.errors import ExplainkitError
 from explainkit.explain import explain_dataset, explain_images
 from explainkit.images import read_image
 from explainkit.io import ensure_writable_dir
-from explainkit.models import load_model, newest_model, require_model_path, resnet18_cifar
-from explainkit.registry import get_explainer, require_explainer
-
-
-def parse_methods(text: str) -> list[str]:
-    names = [name.strip() for name in text.split(",") if name.strip()]
-    if not names:
-        raise ExplainkitError("--method needs at least one explainer name")
-    return list(dict.fromkeys(names))  # de-duplicate, keep order
+from explainkit.models import load_model, model_card, newest_model, require_model_path, resnet18_cifar
+from explainkit.registry import get_explainer, parse_methods, require_explainer
+from explainkit.training.first_model import train_first_model
 
 
 def run_explain(args: argparse.Namespace) -> int:
@@ -50,9 +43,9 @@ def run_explain(args: argparse.Namespace) -> int:
             for path in args.image:
                 read_image(path, (32, 32))
         ensure_writable_dir(args.out)
-        checkpoint = train_quick_for_explain(args)
+        checkpoint = train_first_model(device, args.models_dir, args.data_dir)
     model = load_model(checkpoint, map_location=device)
-    card = model.card
+    card = model_card(model)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     explainers = {name: get_explainer(name, model, layer=args.layer) for name in methods}

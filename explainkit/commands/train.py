@@ -11,11 +11,11 @@ import torch.nn as nn
 from explainkit.card import ModelCard
 from explainkit.data import check_image_folder, data_dir_from_env
 from explainkit.device import select_device
-from explainkit.errors import ExplainkitError
 from explainkit.io import ensure_writable_dir
+from explainkit.training.first_model import STORE_FOLDER
 from explainkit.training.recipes import resolve_recipe
 
-DEFAULT_OUT = Path("models") / "resnet18-cifar10"
+DEFAULT_OUT = Path("models") / STORE_FOLDER
 
 
 def default_train_out(models_dir: str | None) -> Path:
@@ -143,41 +143,3 @@ def add_train_parser(sub, positive_int, device_choices) -> None:
     lr_find.add_argument("--num-iter", type=positive_int, default=100, help="batches in the sweep (default 100)")
     lr_find.add_argument("--device", choices=device_choices, default="auto")
     lr_find.add_argument("--seed", type=int, default=0)
-
-
-def train_quick_for_explain(args: argparse.Namespace) -> Path:
-    """``explain`` on a fresh machine: train the quick (CPU) or default (GPU) recipe into the store."""
-    device = select_device(args.device)
-    recipe_name = "default" if device.type == "cuda" else "quick"
-    out = default_train_out(args.models_dir)
-    if recipe_name == "quick":
-        print(
-            f"explainkit: no model in {out.parent}/; training one with the 'quick' CPU recipe (a few minutes, modest accuracy). "
-            "The full recipe needs a GPU: python -m explainkit train --recipe default"
-            + (f" --data-dir {args.data_dir}" if args.data_dir else "")
-            + ". Pass --no-train to stop here instead.",
-            file=sys.stderr,
-        )
-    else:
-        print(f"explainkit: no model in {out.parent}/; training one with the 'default' recipe on {device}", file=sys.stderr)
-    namespace = argparse.Namespace(
-        recipe=recipe_name,
-        epochs=None,
-        batch_size=None,
-        lr=None,
-        optimizer=None,
-        train_limit=None,
-        test_limit=None,
-        device=args.device,
-        out=str(out),
-        models_dir=args.models_dir,
-        data_dir=args.data_dir,
-        seed=0,
-        resume=False,
-        workers=None,
-        data_path="auto",
-        compile=False,
-    )
-    if run_train(namespace) != 0:
-        raise ExplainkitError("training failed")
-    return out / "model.pt"

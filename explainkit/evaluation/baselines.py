@@ -24,7 +24,7 @@ class _Baseline(Explainer):
         self.generator = torch.Generator().manual_seed(seed)
 
     def _forward(self, images: torch.Tensor):
-        shape = {}
+        shape: dict[str, tuple[int, ...]] = {}
 
         def record(module, inputs, output) -> None:
             shape.setdefault("hw", tuple(output.shape[-2:]))

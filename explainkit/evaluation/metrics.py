@@ -10,8 +10,6 @@ All scores are on the softmax probability of the explained class.
 
 from __future__ import annotations
 
-from typing import Callable
-
 import numpy as np
 import torch
 import torch.nn as nn
@@ -127,6 +125,3 @@ def bootstrap_ci(values: torch.Tensor, samples: int = 2000, seed: int = 0, level
     means = values[picks].mean(dim=1)
     alpha = (1 - level) / 2
     return float(means.quantile(alpha)), float(means.quantile(1 - alpha))
-
-
-MapFunction = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]

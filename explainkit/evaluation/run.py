@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Any, Callable
 
@@ -45,6 +46,15 @@ def _summarise(per_image: dict[str, torch.Tensor], seed: int) -> dict[str, Any]:
     return out
 
 
+def _baseline(name: str, model: nn.Module, layer: str | None, seed: int) -> Callable:
+    return make_baseline(name, model, layer, seed=seed)
+
+
+def _maps_function(name: str, factory: Callable[[nn.Module], Callable], model: nn.Module, batch_size: int) -> Callable:
+    """For the sanity check: ``(images, targets) -> maps`` of ``factory``'s explainer on ``model``."""
+    return lambda images, targets: collect_maps(name, factory(model), images, targets, batch_size)
+
+
 def evaluate_faithfulness(
     model: nn.Module,
     card: ModelCard,
@@ -66,7 +76,7 @@ def evaluate_faithfulness(
         targets = torch.cat([model(images[s : s + batch_size]).argmax(1) for s in range(0, len(images), batch_size)])
     candidates: dict[str, Callable[[nn.Module], Callable]] = dict(factories)
     for name in baselines:  # a namespace of their own: a plugin method may be called "random" too
-        candidates[BASELINE_PREFIX + name] = lambda m, name=name: make_baseline(name, m, layer, seed=seed)
+        candidates[BASELINE_PREFIX + name] = functools.partial(_baseline, name, layer=layer, seed=seed)
     results: dict[str, Any] = {}
     curves: dict[str, torch.Tensor] = {}
     for name, factory in tqdm(candidates.items(), desc="evaluate", unit="method", delay=2):
@@ -86,7 +96,7 @@ def evaluate_faithfulness(
         if not name.startswith(BASELINE_PREFIX) and "sanity" not in skip:
             results[name]["sanity"] = cascading_randomization(
                 model,
-                lambda m, factory=factory, name=name: lambda x, t: collect_maps(name, factory(m), x, t, batch_size),
+                functools.partial(_maps_function, name, factory, batch_size=batch_size),
                 images,
                 targets,
                 seed,
@@ -161,7 +171,7 @@ def evaluate_synthetic(
         accuracy = float((model(test_set.images).argmax(1) == test_set.labels).float().mean())
     candidates = dict(factories)
     for name in ("random", "center"):
-        candidates[BASELINE_PREFIX + name] = lambda m, name=name: make_baseline(name, m, synthetic.LAST_CONV, seed=seed)
+        candidates[BASELINE_PREFIX + name] = functools.partial(_baseline, name, layer=synthetic.LAST_CONV, seed=seed)
     results: dict[str, Any] = {}
     all_maps: dict[str, torch.Tensor] = {}
     for name, factory in candidates.items():

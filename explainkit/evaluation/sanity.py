@@ -34,8 +34,9 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, int]:
 def randomize_(module: nn.Module, seed: int) -> None:
     torch.manual_seed(seed)
     for sub in module.modules():
-        if hasattr(sub, "reset_parameters"):
-            sub.reset_parameters()
+        reset = getattr(sub, "reset_parameters", None)
+        if callable(reset):
+            reset()
 
 
 def cascading_randomization(

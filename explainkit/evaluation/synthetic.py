@@ -56,7 +56,7 @@ def generate(count: int, seed: int = 0, backgrounds: torch.Tensor | None = None)
     labels = torch.randint(0, NUM_CLASSES, (count,), generator=generator)
     boxes = torch.zeros(count, 4, dtype=torch.long)
     for i in range(count):  # generating data, not a hot path
-        taken = []
+        taken: list[tuple[int, int]] = []
         n_distractors = int(torch.randint(1, 3, (1,), generator=generator))
         kinds = [int(labels[i])] + [
             NUM_CLASSES + int(torch.randint(0, 2, (1,), generator=generator)) for _ in range(n_distractors)

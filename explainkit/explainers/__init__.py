@@ -1,11 +1,21 @@
 """Built-in explainers and the base classes plugins build on."""
 
-from explainkit.explainers.base import ALL, Explainer, Explanation, evaluation_mode, normalize_maps, postprocess
+from explainkit.explainers.base import (
+    ALL,
+    Explainer,
+    ExplainerFn,
+    Explanation,
+    evaluation_mode,
+    normalize_maps,
+    postprocess,
+    resolve_targets,
+)
 from explainkit.explainers.gradient import GradCAM, GradCAMPlusPlus, GradientCAM
 
 __all__ = [
     "ALL",
     "Explainer",
+    "ExplainerFn",
     "Explanation",
     "GradCAM",
     "GradCAMPlusPlus",
@@ -13,4 +23,5 @@ __all__ = [
     "evaluation_mode",
     "normalize_maps",
     "postprocess",
+    "resolve_targets",
 ]

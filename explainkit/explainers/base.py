@@ -12,7 +12,7 @@ import functools
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Sequence, Union
+from typing import Iterator, Protocol, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -23,6 +23,16 @@ from explainkit.layers import resolve_layer
 
 Targets = Union[None, int, str, Sequence[int], torch.Tensor]
 ALL = "all"
+
+
+class ExplainerFn(Protocol):
+    """What a registered factory returns: ``explainer(images, targets=None, normalize=True) -> maps``.
+
+    :class:`Explainer` subclasses are such callables (and add :meth:`Explainer.explain`); a plugin
+    may return any function of this shape.
+    """
+
+    def __call__(self, images: torch.Tensor, targets: Targets = None, normalize: bool = True) -> torch.Tensor: ...
 
 
 @dataclass
@@ -130,7 +140,7 @@ def postprocess(raw: torch.Tensor, size: tuple[int, int], normalize: bool = True
     """
     maps = F.relu(raw.float())
     if tuple(maps.shape[-2:]) != tuple(size):
-        maps = upsample_bilinear(maps, tuple(size))
+        maps = upsample_bilinear(maps, (int(size[0]), int(size[1])))
     return normalize_maps(maps) if normalize else maps
 
 
@@ -175,7 +185,7 @@ class Explainer(ABC):
             images = images.clone()
         with evaluation_mode(self.model):
             raw, logits, resolved = self.compute(images, targets)
-        maps = postprocess(raw, tuple(images.shape[-2:]), normalize)
+        maps = postprocess(raw, (images.shape[-2], images.shape[-1]), normalize)
         return Explanation(maps, logits.detach(), None if isinstance(resolved, str) else resolved)
 
     @abstractmethod

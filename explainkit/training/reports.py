@@ -11,6 +11,7 @@ from matplotlib.figure import Figure
 from torch.utils.data import Dataset, Subset
 
 from explainkit.card import ModelCard
+from explainkit.data import dataset_size
 from explainkit.visualize import CELL, save_figure
 
 
@@ -79,8 +80,8 @@ def misclassified_figure(
     wrong: list[tuple[torch.Tensor, int, int]] = []
     batch = 256
     with torch.inference_mode():
-        for start in range(0, len(dataset), batch):
-            items = [dataset[i] for i in range(start, min(start + batch, len(dataset)))]
+        for start in range(0, dataset_size(dataset), batch):
+            items = [dataset[i] for i in range(start, min(start + batch, dataset_size(dataset)))]
             images = torch.stack([x for x, _ in items])
             labels = torch.tensor([y for _, y in items])
             predicted = model(images.to(device)).argmax(1).cpu()
@@ -106,7 +107,7 @@ def misclassified_figure(
 def samples_figure(train_set: Dataset, card: ModelCard, per_class: int = 6) -> Figure:
     """Augmented training images, one row per class."""
     base = train_set.dataset if isinstance(train_set, Subset) else train_set
-    indices = train_set.indices if isinstance(train_set, Subset) else range(len(base))
+    indices = train_set.indices if isinstance(train_set, Subset) else range(dataset_size(base))
     targets = getattr(base, "targets", None)
     chosen: dict[int, list[int]] = {k: [] for k in range(len(card.classes))}
     for index in indices:

@@ -25,7 +25,7 @@ from torch.utils.data.distributed import DistributedSampler
 from tqdm.auto import tqdm
 
 from explainkit.card import ModelCard
-from explainkit.data import check_image_folder, data_dir_from_env, eval_transform, open_split
+from explainkit.data import check_image_folder, data_dir_from_env, dataset_size, eval_transform, open_split
 from explainkit.distributed import DistContext, init_distributed
 from explainkit.errors import DataError, ExplainkitError
 from explainkit.io import atomic_path
@@ -72,7 +72,7 @@ def load_datasets(
 
 
 def limit_dataset(dataset: Dataset, limit: int | None, seed: int, spread: bool) -> Dataset:
-    indices = subset_indices(len(dataset), limit, seed, spread)  # type: ignore[arg-type]
+    indices = subset_indices(dataset_size(dataset), limit, seed, spread)
     return dataset if indices is None else Subset(dataset, indices)
 
 
@@ -89,14 +89,17 @@ def load_device_splits(data_dir: str | Path | None, download: bool = True) -> tu
 
 def _reseed_worker(worker_id: int) -> None:
     info = torch.utils.data.get_worker_info()
+    if info is None:
+        return
     transform = getattr(getattr(info.dataset, "dataset", info.dataset), "transform", None)
-    if hasattr(transform, "reseed"):
-        transform.reseed(torch.initial_seed() % 2**32)  # distinct per worker and per epoch
+    reseed = getattr(transform, "reseed", None)
+    if callable(reseed):
+        reseed(torch.initial_seed() % 2**32)  # distinct per worker and per epoch
 
 
 # --- checkpoints --------------------------------------------------------------------------------
 def _rng_state() -> dict[str, Any]:
-    np_state = np.random.get_state()
+    np_state: Any = np.random.get_state()  # the legacy tuple form
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
@@ -122,7 +125,8 @@ def save_checkpoint(path: Path, **state: Any) -> None:
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
+        return state
     except Exception as exc:
         raise ExplainkitError(f"cannot resume: {path} is unreadable ({type(exc).__name__}); delete it to start over") from None
 
@@ -148,7 +152,7 @@ def _scheduler(recipe: Recipe, optimizer: torch.optim.Optimizer, max_lr: float, 
         pct_start=pct_start,
         div_factor=recipe.div_factor,
         final_div_factor=recipe.final_div_factor,
-        anneal_strategy=recipe.anneal_strategy,
+        anneal_strategy="cos" if recipe.anneal_strategy == "cos" else "linear",
         three_phase=False,
     )
 
@@ -218,15 +222,15 @@ def loader_data(recipe: Recipe, data_dir, device: torch.device, seed: int, ctx: 
     train_set, test_set, classes = load_datasets(data_dir, recipe, ModelCard())
     train_set = limit_dataset(train_set, recipe.train_limit, seed, spread=False)
     test_set = limit_dataset(test_set, recipe.test_limit, seed, spread=True)
-    test_shard = Subset(test_set, list(range(ctx.rank, len(test_set), ctx.world_size)))  # no padded duplicates
+    test_shard = Subset(test_set, list(range(ctx.rank, dataset_size(test_set), ctx.world_size)))  # no padded duplicates
     workers = workers if workers is not None else (min(8, torch.get_num_threads() * 2) if device.type == "cuda" else 1)
     generator = torch.Generator()
     sampler = (
         DistributedSampler(train_set, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=seed)
         if ctx.enabled
-        else RandomSampler(train_set, generator=generator)
+        else RandomSampler(train_set, generator=generator)  # type: ignore[arg-type]  # map-style: sized
     )
-    loader_args = dict(num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=False)
+    loader_args: dict[str, Any] = dict(num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=False)
     train_loader = DataLoader(
         train_set,
         batch_size=recipe.batch_size,
@@ -240,12 +244,13 @@ def loader_data(recipe: Recipe, data_dir, device: torch.device, seed: int, ctx: 
 
     def start_epoch(epoch: int) -> None:
         generator.manual_seed(seed * 1000 + epoch)
-        if ctx.enabled:
+        if isinstance(sampler, DistributedSampler):
             sampler.set_epoch(epoch)
         if workers == 0:  # no worker_init_fn runs: seed the augmentation here
             transform = getattr(getattr(train_set, "dataset", train_set), "transform", None)
-            if hasattr(transform, "reseed"):
-                transform.reseed(seed * 1000 + epoch)
+            reseed = getattr(transform, "reseed", None)
+            if callable(reseed):
+                reseed(seed * 1000 + epoch)
 
     return TrainData("loader", train_loader, test_loader, test_shard, train_set, classes, start_epoch)
 
@@ -403,7 +408,7 @@ def train(
         DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if ctx.enabled else model
     )
     if compile:
-        net = torch.compile(net, **({"backend": compile} if isinstance(compile, str) else {}))  # type: ignore[assignment]
+        net = torch.compile(net, backend=compile if isinstance(compile, str) else "inductor")  # type: ignore[assignment]
     optimizer = make_optimizer(recipe, model, float(max_lr))
     scheduler = _scheduler(recipe, optimizer, float(max_lr), recipe.epochs * len(data.train))  # type: ignore[arg-type]
     history: list[dict[str, float]] = []
