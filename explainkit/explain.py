@@ -38,6 +38,28 @@ class ExplainResult:
     outputs: list[Path] = field(default_factory=list)
 
 
+def layer_of(explainer: ExplainerFn) -> str | None:
+    """The layer an explainer reads (our explainers know it; a plain plugin function may not)."""
+    return explainer.layer_name if isinstance(explainer, Explainer) else getattr(explainer, "layer_name", None)
+
+
+def _per_class_title(name: str, explainer: ExplainerFn) -> str:
+    return f"{name} @ {layer_of(explainer) or '-'}: CAM for every class (probability)"
+
+
+def _summary(meta: dict[str, Any] | None, explainers: dict[str, ExplainerFn], images: int, **fields: Any) -> dict[str, Any]:
+    """The ``summary.json`` fields every explain run shares, then the run's own."""
+    primary = next(iter(explainers.values()))
+    return {
+        "schema_version": SCHEMA_VERSION,
+        **(meta or {}),
+        "layer": layer_of(primary),
+        "methods": list(explainers),
+        "images": images,
+        **fields,
+    }
+
+
 def _explain_batch(explainer: ExplainerFn, model: nn.Module, images: torch.Tensor, targets: Targets) -> Explanation:
     """Explanations from our explainers, or from any plugin callable that only returns maps."""
     if isinstance(explainer, Explainer):
@@ -211,7 +233,7 @@ def explain_dataset(
         # Evenly spaced, so a limited scan of a class-sorted ImageFolder still spans every class.
         dataset = Subset(dataset, torch.linspace(0, dataset_size(dataset) - 1, limit).long().tolist())
     primary_name, primary = next(iter(explainers.items()))
-    layer_name = getattr(primary, "layer_name", None)
+    layer_name = layer_of(primary)
     started = time.perf_counter()
     store = None
     if save_maps or ctx.enabled:  # several ranks always merge through the store
@@ -246,7 +268,7 @@ def explain_dataset(
             per_class.probabilities.cpu(),
             classes,
             labels=[f"true: {classes[y]}" for y in sample_labels.tolist()],
-            title=f"{primary_name} @ {getattr(primary, 'layer_name', '-')}: CAM for every class (probability)",
+            title=_per_class_title(primary_name, primary),
         )
         outputs.append(visualize.save_figure(figure, out / "per_class.png"))
         if len(explainers) > 1:
@@ -271,7 +293,7 @@ def explain_dataset(
         classes,
         total_wrong=len(wrong),
         scanned=len(labels),
-        title=f"{primary_name} @ {getattr(primary, 'layer_name', '-')}",
+        title=f"{primary_name} @ {layer_name or '-'}",
     )
     outputs.append(visualize.save_figure(figure, out / "misclassified.png"))
 
@@ -279,22 +301,20 @@ def explain_dataset(
         outputs.append(out / STORE_NAME)
 
     images = len(labels)
-    summary = {
-        "schema_version": SCHEMA_VERSION,
-        **(meta or {}),
-        "layer": layer_name,
-        "methods": list(explainers),
-        "images": images,
-        "accuracy": round(float((predictions == labels).double().mean()), 6) if images else None,
-        "misclassified": int(len(wrong)),
-        "world_size": ctx.world_size,
-        "timings": {
+    summary = _summary(
+        meta,
+        explainers,
+        images,
+        accuracy=round(float((predictions == labels).double().mean()), 6) if images else None,
+        misclassified=int(len(wrong)),
+        world_size=ctx.world_size,
+        timings={
             "scan_seconds": round(scanned["seconds"], 3),
             "scan_images_per_second": round(images / scanned["seconds"], 1) if scanned["seconds"] > 0 else None,
             "figures_seconds": round(time.perf_counter() - draw_start, 3),
             "total_seconds": round(time.perf_counter() - started, 3),
         },
-    }
+    )
     summary["outputs"] = [p.name for p in outputs] + ["summary.json"]
     write_json(out / "summary.json", summary)
     return ExplainResult(summary, outputs + [out / "summary.json"])
@@ -351,7 +371,7 @@ def explain_images(
                 probabilities,
                 card.classes,
                 labels=[Path(n).name for n in names],
-                title=f"{primary_name} @ {getattr(primary, 'layer_name', '-')}: CAM for every class (probability)",
+                title=_per_class_title(primary_name, primary),
             ),
             out / "per_class.png",
         )
@@ -366,18 +386,16 @@ def explain_images(
             labels = torch.full((len(names),), -1, dtype=torch.long)  # files have no labels
             store.write_chunk(0, predicted, labels, confidence, {name: r.maps for name, r in results.items()})
             outputs.append(out / STORE_NAME)
-    summary = {
-        "schema_version": SCHEMA_VERSION,
-        **(meta or {}),
-        "layer": getattr(primary, "layer_name", None),
-        "methods": list(explainers),
-        "images": len(names),
-        "predictions": [
+    summary = _summary(
+        meta,
+        explainers,
+        len(names),
+        predictions=[
             {"image": str(name), "predicted": card.classes[p], "probability": round(float(c), 4)}
             for name, p, c in zip(names, predicted.tolist(), confidence.tolist())
         ],
-        "timings": {"total_seconds": round(time.perf_counter() - started, 3)},
-    }
+        timings={"total_seconds": round(time.perf_counter() - started, 3)},
+    )
     summary["outputs"] = [p.name for p in outputs] + ["summary.json"]
     write_json(out / "summary.json", summary)
     return ExplainResult(summary, outputs + [out / "summary.json"])
