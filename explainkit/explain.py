@@ -26,6 +26,7 @@ from explainkit.distributed import DistContext
 from explainkit.explainers.base import Explainer, ExplainerFn, Explanation, Targets, evaluation_mode
 from explainkit.io import write_json
 from explainkit.maps_store import STORE_NAME, MapsStore
+from explainkit.outputs import logits_of
 
 SCHEMA_VERSION = 1
 
@@ -66,7 +67,7 @@ def _explain_batch(explainer: ExplainerFn, model: nn.Module, images: torch.Tenso
         return explainer.explain(images, targets)
     maps = explainer(images, targets)
     with torch.no_grad():
-        logits = model(images)
+        logits = logits_of(model(images))
     return Explanation(maps, logits, None)
 
 
@@ -102,7 +103,7 @@ def _forward(
     maps: dict[str, torch.Tensor] = {}
     if not explainers:
         with torch.inference_mode():
-            return model(images), maps
+            return logits_of(model(images)), maps
     logits = None
     for name, explainer in explainers.items():
         result = _explain_batch(explainer, model, images, None)

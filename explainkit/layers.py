@@ -25,8 +25,24 @@ def candidate_layers(model: nn.Module) -> list[str]:
     return names
 
 
+def _transformer_default(model: nn.Module) -> str | None:
+    """ViT-style models: the last block's first norm (its tokens still map to patches)."""
+    encoder_layers = getattr(getattr(model, "encoder", None), "layers", None)  # torchvision VisionTransformer
+    if isinstance(encoder_layers, nn.Sequential) and len(encoder_layers) and hasattr(encoder_layers[-1], "ln_1"):
+        return f"encoder.layers.{list(encoder_layers._modules)[-1]}.ln_1"
+    blocks = getattr(model, "blocks", None)  # timm VisionTransformer / DeiT / EVA
+    if isinstance(blocks, (nn.Sequential, nn.ModuleList)) and len(blocks) and hasattr(blocks[-1], "norm1"):
+        return f"blocks.{len(blocks) - 1}.norm1"
+    return None
+
+
 def default_layer(model: nn.Module) -> str:
-    """The layer used when none is given: ``layer4`` (ResNets), ``features``, else the last Conv2d."""
+    """The layer used when none is given: for ViTs the last block's first norm; ``layer4``
+    (ResNets), ``features`` (VGG, DenseNet, MobileNet, EfficientNet, ConvNeXt, Swin), else the
+    last Conv2d."""
+    transformer = _transformer_default(model)
+    if transformer is not None:
+        return transformer
     modules = dict(model.named_modules())
     for name in DEFAULT_LAYER_NAMES:
         if name in modules:

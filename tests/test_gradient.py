@@ -119,3 +119,20 @@ def test_bfloat16_autocast_matches_float32(random_model, images):
     mixed = GradCAM(random_model, autocast=torch.bfloat16)(images)
     assert mixed.dtype == torch.float32
     assert correlation(mixed, reference).mean() > 0.9
+
+
+def test_threads_sharing_one_model_get_their_own_maps(random_model):
+    """A web server's pattern: several threads explain with one model at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    torch.manual_seed(5)
+    batches = [torch.randn(3, 3, 32, 32) for _ in range(8)]
+    explainer = GradCAM(random_model, "layer4")
+    serial = [explainer(b, targets=t) for b, t in zip(batches, [None, "all"] * 4)]
+    random_model.train()  # the mode must come back exactly, however the calls interleave
+    with ThreadPoolExecutor(4) as pool:
+        threaded = list(pool.map(lambda bt: explainer(*bt), zip(batches, [None, "all"] * 4)))
+    assert random_model.training and all(m.training for m in random_model.modules())
+    random_model.eval()
+    for a, b in zip(serial, threaded):
+        torch.testing.assert_close(a, b)

@@ -9,6 +9,7 @@ the base guarantees the contract users rely on.
 from __future__ import annotations
 
 import functools
+import threading
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -54,16 +55,34 @@ class Explanation:
         return self.logits.float().softmax(dim=1)
 
 
+_MODE_LOCK = threading.Lock()
+_SAVED_MODES: dict[int, tuple[int, list[tuple[nn.Module, bool]]]] = {}  # id(model) -> (callers inside, modes)
+
+
 @contextmanager
 def evaluation_mode(model: nn.Module) -> Iterator[None]:
-    """Put ``model`` in eval mode for the block and restore every submodule's own mode after."""
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()
+    """Put ``model`` in eval mode for the block and restore every submodule's own mode after.
+
+    Re-entrant across threads: the first caller saves the modes, the last one out restores them,
+    so concurrent explanations with one shared model never see (or leave) a half-restored model.
+    """
+    key = id(model)
+    with _MODE_LOCK:
+        count, modes = _SAVED_MODES.get(key, (0, []))
+        if count == 0:
+            modes = [(module, module.training) for module in model.modules()]
+            model.eval()
+        _SAVED_MODES[key] = (count + 1, modes)
     try:
         yield
     finally:
-        for module, training in modes:
-            module.training = training
+        with _MODE_LOCK:
+            count, modes = _SAVED_MODES.pop(key)
+            if count > 1:
+                _SAVED_MODES[key] = (count - 1, modes)
+            else:
+                for module, training in modes:
+                    module.training = training
 
 
 def resolve_targets(targets: Targets, logits: torch.Tensor) -> torch.Tensor | str:

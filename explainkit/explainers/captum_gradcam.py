@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from explainkit.errors import ExplainkitError
 from explainkit.explainers.base import Explainer, Targets, resolve_targets
+from explainkit.outputs import logits_of
 
 
 class CaptumGradCAM(Explainer):
@@ -20,11 +22,22 @@ class CaptumGradCAM(Explainer):
     def compute(self, images: torch.Tensor, targets: Targets):
         from captum.attr import LayerGradCam  # imported on use: registering the name needs no captum
 
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            return logits_of(self.model(x))
+
         with torch.no_grad():
-            logits = self.model(images)
+            logits = forward(images)
         resolved = resolve_targets(targets, logits)
-        grad_cam = LayerGradCam(self.model, self.layer)
+        grad_cam = LayerGradCam(forward, self.layer)
+
+        def attribute(target) -> torch.Tensor:
+            maps: torch.Tensor = grad_cam.attribute(images, target=target)
+            if maps.ndim != 4:  # LayerGradCam assumes (N, C, h, w); anything else would be silently wrong
+                raise ExplainkitError(
+                    f"captum-gradcam needs a layer with (N, C, h, w) output; {self.layer_name!r} is not one: use gradcam"
+                )
+            return maps[:, 0].detach()
+
         if isinstance(resolved, str):  # ALL
-            maps = [grad_cam.attribute(images, target=k)[:, 0] for k in range(logits.shape[1])]
-            return torch.stack(maps, dim=1).detach(), logits, resolved
-        return grad_cam.attribute(images, target=resolved)[:, 0].detach(), logits, resolved
+            return torch.stack([attribute(k) for k in range(logits.shape[1])], dim=1), logits, resolved
+        return attribute(resolved), logits, resolved

@@ -11,6 +11,7 @@ with one batched backward (``is_grads_batched``). Everything stays on the images
 
 from __future__ import annotations
 
+import threading
 import warnings
 from contextlib import contextmanager
 from typing import Iterator
@@ -21,6 +22,8 @@ import torch.nn.functional as F
 
 from explainkit.errors import ExplainkitError
 from explainkit.explainers.base import ALL, Explainer, Targets, resolve_targets
+from explainkit.layouts import Layout, infer_layout
+from explainkit.outputs import logits_of
 
 
 @contextmanager
@@ -30,10 +33,16 @@ def layer_output_as_leaf(layer: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
     Autograd is off until ``layer`` has run (nothing below it is recorded, so no memory is
     kept for a backward we will not do) and on from there. The hook is removed and the
     caller's grad mode restored on exit, also after an exception.
+
+    Thread-safe: the hook acts only on forwards run by the thread that entered the block, so
+    several threads may explain with one shared model at once (grad mode is per thread too).
     """
     captured: dict[str, torch.Tensor] = {}
+    owner = threading.get_ident()
 
-    def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+    def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor | None:
+        if threading.get_ident() != owner:  # another thread's forward through the shared model
+            return None
         if not isinstance(output, torch.Tensor):
             raise ExplainkitError(
                 f"layer {type(module).__name__} returns {type(output).__name__}, not a tensor; pick another layer"
@@ -63,11 +72,22 @@ class GradientCAM(Explainer):
         model, layer: see :class:`~explainkit.explainers.base.Explainer`.
         autocast: optional dtype (e.g. ``torch.bfloat16``) to run the model under
             ``torch.autocast`` on the images' device; the CAM itself is computed in float32.
+        layout: how the layer's output maps to ``(N, C, h, w)``
+            (:class:`~explainkit.layouts.Layout`); default: read off the model or inferred, so
+            ViT token sequences and Swin's channels-last stages work without a reshape function.
     """
 
-    def __init__(self, model: nn.Module, layer: str | nn.Module | None = None, *, autocast: torch.dtype | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        layer: str | nn.Module | None = None,
+        *,
+        autocast: torch.dtype | None = None,
+        layout: Layout | None = None,
+    ):
         super().__init__(model, layer)
         self.autocast = autocast
+        self.layout = layout
 
     def channel_weights(self, activations: torch.Tensor, gradients: torch.Tensor) -> torch.Tensor:
         """Return ``(..., N, C)`` weights from ``activations (N, C, h, w)`` and ``gradients (..., N, C, h, w)``."""
@@ -76,23 +96,25 @@ class GradientCAM(Explainer):
     def compute(self, images: torch.Tensor, targets: Targets):
         autocast = torch.autocast(images.device.type, dtype=self.autocast, enabled=self.autocast is not None)
         with layer_output_as_leaf(self.layer) as captured, autocast:
-            logits = self.model(images)
+            logits = logits_of(self.model(images))
         if "activations" not in captured:
             raise ExplainkitError(f"layer {self.layer_name!r} did not run in the model's forward pass")
-        activations = captured["activations"]
+        leaf = captured["activations"]  # the layer's own layout: (N, C, h, w), (N, h, w, C) or (N, L, C)
+        layout = self.layout or infer_layout(tuple(leaf.shape), (images.shape[-2], images.shape[-1]), self.model, self.layer_name)
+        activations = layout.to_channels_first(leaf.detach().float())  # (N, C, h, w), prefix tokens dropped
         resolved = resolve_targets(targets, logits)
         num_classes = logits.shape[1]
         if isinstance(resolved, str):  # ALL: one batched backward over the class dimension
             grad_outputs = torch.eye(num_classes, device=logits.device, dtype=logits.dtype)
             grad_outputs = grad_outputs[:, None, :].expand(num_classes, *logits.shape)
-            gradients = _batched_gradients(logits, activations, grad_outputs)  # (K, N, C, h, w)
-            weights = self.channel_weights(activations.detach().float(), gradients.float())  # (K, N, C)
-            cams = torch.einsum("knc,nchw->nkhw", weights, activations.detach().float())
+            gradients = layout.to_channels_first(_batched_gradients(logits, leaf, grad_outputs).float())  # (K, N, C, h, w)
+            weights = self.channel_weights(activations, gradients)  # (K, N, C)
+            cams = torch.einsum("knc,nchw->nkhw", weights, activations)
         else:
             grad_outputs = F.one_hot(resolved, num_classes).to(logits.dtype)
-            (gradients,) = torch.autograd.grad(logits, activations, grad_outputs)
-            weights = self.channel_weights(activations.detach().float(), gradients.float())  # (N, C)
-            cams = torch.einsum("nc,nchw->nhw", weights, activations.detach().float())
+            (gradients,) = torch.autograd.grad(logits, leaf, grad_outputs)
+            weights = self.channel_weights(activations, layout.to_channels_first(gradients.float()))  # (N, C)
+            cams = torch.einsum("nc,nchw->nhw", weights, activations)
         return cams, logits, resolved
 
 
