@@ -14,7 +14,16 @@ from tests.conftest import correlation
 pytest.importorskip("explainkit_gradcam_zoo", reason="pip install -e plugins/explainkit-gradcam-zoo")
 from explainkit_gradcam_zoo import METHODS  # noqa: E402
 
-FAST = ["xgradcam", "layercam", "hirescam", "gradcam-elementwise", "eigencam", "eigengradcam", "pgc-gradcam", "pgc-gradcam++"]
+FAST = [
+    "pgc-xgradcam",
+    "pgc-layercam",
+    "pgc-hirescam",
+    "pgc-gradcam-elementwise",
+    "eigencam",
+    "eigengradcam",
+    "pgc-gradcam",
+    "pgc-gradcam++",
+]
 
 
 def test_registered_through_the_entry_point(fresh_plugins):

@@ -5,10 +5,22 @@ from __future__ import annotations
 import pytest
 import torch
 from pytorch_grad_cam import GradCAM as PgcGradCAM
+from pytorch_grad_cam import GradCAMElementWise as PgcGradCAMElementWise
 from pytorch_grad_cam import GradCAMPlusPlus as PgcGradCAMPlusPlus
+from pytorch_grad_cam import HiResCAM as PgcHiResCAM
+from pytorch_grad_cam import LayerCAM as PgcLayerCAM
+from pytorch_grad_cam import XGradCAM as PgcXGradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-from explainkit.explainers.gradient import GradCAM, GradCAMPlusPlus, layer_output_as_leaf
+from explainkit.explainers.gradient import (
+    GradCAM,
+    GradCAMElementWise,
+    GradCAMPlusPlus,
+    HiResCAM,
+    LayerCAM,
+    XGradCAM,
+    layer_output_as_leaf,
+)
 from tests.conftest import correlation
 
 PAIRS = [(GradCAM, PgcGradCAM), (GradCAMPlusPlus, PgcGradCAMPlusPlus)]
@@ -136,3 +148,20 @@ def test_threads_sharing_one_model_get_their_own_maps(random_model):
     random_model.eval()
     for a, b in zip(serial, threaded):
         torch.testing.assert_close(a, b)
+
+
+ZOO = [(XGradCAM, PgcXGradCAM), (HiResCAM, PgcHiResCAM), (LayerCAM, PgcLayerCAM), (GradCAMElementWise, PgcGradCAMElementWise)]
+
+
+@pytest.mark.parametrize("layer_name", ["layer4", "layer3"])
+@pytest.mark.parametrize("ours_class, pgc_class", ZOO, ids=[c.name for c, _ in ZOO])
+def test_native_zoo_parity_with_pytorch_grad_cam(ours_class, pgc_class, layer_name, random_model, images):
+    _assert_parity(ours_class, pgc_class, random_model, layer_name, images)
+
+
+@pytest.mark.parametrize("ours_class", [c for c, _ in ZOO], ids=[c.name for c, _ in ZOO])
+def test_native_zoo_all_classes_equal_single_targets(ours_class, random_model, images):
+    explainer = ours_class(random_model, "layer4")
+    every = explainer(images, targets="all")
+    for k in (0, 9):
+        torch.testing.assert_close(every[:, k], explainer(images, targets=k), atol=1e-4, rtol=1e-4)

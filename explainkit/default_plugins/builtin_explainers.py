@@ -1,4 +1,4 @@
-"""Registers explainkit's own explainers: gradcam, gradcam++ and captum-gradcam."""
+"""Registers explainkit's own explainers: gradcam, gradcam++, xgradcam, hirescam, layercam, gradcam-elementwise and captum-gradcam."""
 
 from __future__ import annotations
 
@@ -8,8 +8,12 @@ from explainkit.hookspecs import hookimpl
 @hookimpl
 def register_explainers(register):
     from explainkit.explainers.captum_gradcam import CaptumGradCAM
-    from explainkit.explainers.gradient import GradCAM, GradCAMPlusPlus
+    from explainkit.explainers.gradient import GradCAM, GradCAMElementWise, GradCAMPlusPlus, HiResCAM, LayerCAM, XGradCAM
 
     register("gradcam", GradCAM)
     register("gradcam++", GradCAMPlusPlus)
+    register("xgradcam", XGradCAM)
+    register("hirescam", HiResCAM)
+    register("layercam", LayerCAM)
+    register("gradcam-elementwise", GradCAMElementWise)
     register("captum-gradcam", CaptumGradCAM)

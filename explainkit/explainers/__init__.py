@@ -10,7 +10,16 @@ from explainkit.explainers.base import (
     postprocess,
     resolve_targets,
 )
-from explainkit.explainers.gradient import GradCAM, GradCAMPlusPlus, GradientCAM
+from explainkit.explainers.gradient import (
+    GradCAM,
+    GradCAMElementWise,
+    GradCAMPlusPlus,
+    GradientCAM,
+    HiResCAM,
+    LayerCAM,
+    XGradCAM,
+    layer_output_as_leaf,
+)
 
 __all__ = [
     "ALL",
@@ -18,9 +27,14 @@ __all__ = [
     "ExplainerFn",
     "Explanation",
     "GradCAM",
+    "GradCAMElementWise",
     "GradCAMPlusPlus",
     "GradientCAM",
+    "HiResCAM",
+    "LayerCAM",
+    "XGradCAM",
     "evaluation_mode",
+    "layer_output_as_leaf",
     "normalize_maps",
     "postprocess",
     "resolve_targets",

@@ -64,9 +64,18 @@ def layer_output_as_leaf(layer: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
 
 
 class GradientCAM(Explainer):
-    """A CAM ``relu(Σ_c w_c · A_c)`` whose channel weights ``w`` come from gradients.
+    """A CAM ``relu(Σ_c w_c · A_c)`` whose weights come from gradients.
 
-    Subclasses implement :meth:`channel_weights` only.
+    Two override levels, both given ``activations (N, C, h, w)`` and ``gradients`` of shape
+    ``(N, C, h, w)`` (one target per image) or ``(K, N, C, h, w)`` (``targets="all"``):
+
+    * :meth:`channel_weights` returns one weight per channel, ``(N, C)`` / ``(K, N, C)``
+      (Grad-CAM, Grad-CAM++, XGrad-CAM); the map is then an ``einsum``;
+    * :meth:`contributions` returns every activation's contribution, broadcastable to the
+      gradients' shape, summed over channels (HiResCAM, LayerCAM, element-wise Grad-CAM).
+
+    The base does the rest once: the leaf hook, target resolution, the batched all-classes
+    backward, layouts, autocast and leaving the model as it found it.
 
     Args:
         model, layer: see :class:`~explainkit.explainers.base.Explainer`.
@@ -93,6 +102,18 @@ class GradientCAM(Explainer):
         """Return ``(..., N, C)`` weights from ``activations (N, C, h, w)`` and ``gradients (..., N, C, h, w)``."""
         raise NotImplementedError
 
+    def contributions(self, activations: torch.Tensor, gradients: torch.Tensor) -> torch.Tensor:
+        """Return ``(..., N, C, h, w)``: each activation's contribution to the map (summed over ``C``).
+        Default: ``channel_weights · A``."""
+        return self.channel_weights(activations, gradients)[..., None, None] * activations
+
+    def _cam(self, activations: torch.Tensor, gradients: torch.Tensor) -> torch.Tensor:
+        """``(..., N, h, w)`` from either override level (the channel level as one einsum)."""
+        if type(self).contributions is GradientCAM.contributions:
+            weights = self.channel_weights(activations, gradients)  # (..., N, C)
+            return torch.einsum("...nc,nchw->...nhw", weights, activations)
+        return self.contributions(activations, gradients).sum(dim=-3)
+
     def compute(self, images: torch.Tensor, targets: Targets):
         autocast = torch.autocast(images.device.type, dtype=self.autocast, enabled=self.autocast is not None)
         with layer_output_as_leaf(self.layer) as captured, autocast:
@@ -108,13 +129,11 @@ class GradientCAM(Explainer):
             grad_outputs = torch.eye(num_classes, device=logits.device, dtype=logits.dtype)
             grad_outputs = grad_outputs[:, None, :].expand(num_classes, *logits.shape)
             gradients = layout.to_channels_first(_batched_gradients(logits, leaf, grad_outputs).float())  # (K, N, C, h, w)
-            weights = self.channel_weights(activations, gradients)  # (K, N, C)
-            cams = torch.einsum("knc,nchw->nkhw", weights, activations)
+            cams = self._cam(activations, gradients).transpose(0, 1)  # (K, N, h, w) -> (N, K, h, w)
         else:
             grad_outputs = F.one_hot(resolved, num_classes).to(logits.dtype)
             (gradients,) = torch.autograd.grad(logits, leaf, grad_outputs)
-            weights = self.channel_weights(activations, layout.to_channels_first(gradients.float()))  # (N, C)
-            cams = torch.einsum("nc,nchw->nhw", weights, activations)
+            cams = self._cam(activations, layout.to_channels_first(gradients.float()))  # (N, h, w)
         return cams, logits, resolved
 
 
@@ -164,4 +183,76 @@ class GradCAMPlusPlus(GradientCAM):
         return (alpha * F.relu(gradients)).sum(dim=(-2, -1))
 
 
-__all__ = ["ALL", "GradCAM", "GradCAMPlusPlus", "GradientCAM", "layer_output_as_leaf"]
+class XGradCAM(GradientCAM):
+    r"""XGrad-CAM (Fu et al., BMVC 2020, https://arxiv.org/abs/2008.02312).
+
+    .. math:: w_c = \sum_{ij} \frac{A_{c,ij}}{\sum_{ab} A_{c,ab} + \epsilon} \frac{\partial y^t}{\partial A_{c,ij}}
+
+    (``ε = 1e-7`` as in pytorch-grad-cam). Cost: one forward, one backward above the layer.
+    Prefer it where activations vary a lot in scale across channels.
+    """
+
+    name = "xgradcam"
+
+    def channel_weights(self, activations: torch.Tensor, gradients: torch.Tensor) -> torch.Tensor:
+        totals = activations.sum(dim=(-2, -1), keepdim=True) + 1e-7
+        return (gradients * activations / totals).sum(dim=(-2, -1))
+
+
+class HiResCAM(GradientCAM):
+    r"""HiResCAM (Draelos & Carin 2020, https://arxiv.org/abs/2011.08891).
+
+    .. math:: L = \mathrm{ReLU}\Big(\sum_c \frac{\partial y^t}{\partial A_c} \odot A_c\Big)
+
+    Gradient-times-activation without Grad-CAM's spatial averaging, so the map reflects the
+    locations the score actually used (provably, for a CNN ending in global average pooling and
+    a linear layer, where it equals the class activation). Cost: as Grad-CAM.
+    """
+
+    name = "hirescam"
+
+    def contributions(self, activations: torch.Tensor, gradients: torch.Tensor) -> torch.Tensor:
+        return gradients * activations
+
+
+class GradCAMElementWise(GradientCAM):
+    r"""Element-wise Grad-CAM (pytorch-grad-cam's ``GradCAMElementWise``).
+
+    .. math:: L = \sum_c \mathrm{ReLU}\Big(\frac{\partial y^t}{\partial A_c} \odot A_c\Big)
+
+    HiResCAM with the ReLU before the channel sum: negative evidence in one channel cannot cancel
+    positive evidence in another. Cost: as Grad-CAM.
+    """
+
+    name = "gradcam-elementwise"
+
+    def contributions(self, activations: torch.Tensor, gradients: torch.Tensor) -> torch.Tensor:
+        return F.relu(gradients * activations)
+
+
+class LayerCAM(GradientCAM):
+    r"""LayerCAM (Jiang et al., IEEE TIP 2021, https://ieeexplore.ieee.org/document/9462463).
+
+    .. math:: L = \mathrm{ReLU}\Big(\sum_c \mathrm{ReLU}\Big(\frac{\partial y^t}{\partial A_c}\Big) \odot A_c\Big)
+
+    Each location weighted by its own positive gradient, which keeps fine detail at shallow layers
+    (``layer2``/``layer3``) where Grad-CAM's averaged weights blur. Cost: as Grad-CAM.
+    """
+
+    name = "layercam"
+
+    def contributions(self, activations: torch.Tensor, gradients: torch.Tensor) -> torch.Tensor:
+        return F.relu(gradients) * activations
+
+
+__all__ = [
+    "ALL",
+    "GradCAM",
+    "GradCAMElementWise",
+    "GradCAMPlusPlus",
+    "GradientCAM",
+    "HiResCAM",
+    "LayerCAM",
+    "XGradCAM",
+    "layer_output_as_leaf",
+]

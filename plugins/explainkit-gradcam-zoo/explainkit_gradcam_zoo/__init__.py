@@ -20,15 +20,17 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 import explainkit
 from explainkit.explainers.base import Explainer, resolve_targets
 
+# Methods explainkit has natively keep pytorch-grad-cam's version under a "pgc-" name (a reference
+# to compare against, and no clash); the others keep their plain names until explainkit has them.
 METHODS = {
     "scorecam": ScoreCAM,
     "ablationcam": AblationCAM,
-    "xgradcam": XGradCAM,
-    "layercam": LayerCAM,
-    "hirescam": HiResCAM,
-    "gradcam-elementwise": GradCAMElementWise,
     "eigencam": EigenCAM,
     "eigengradcam": EigenGradCAM,
+    "pgc-xgradcam": XGradCAM,
+    "pgc-layercam": LayerCAM,
+    "pgc-hirescam": HiResCAM,
+    "pgc-gradcam-elementwise": GradCAMElementWise,
     "pgc-gradcam": GradCAM,
     "pgc-gradcam++": GradCAMPlusPlus,
 }
