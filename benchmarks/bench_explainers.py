@@ -156,3 +156,20 @@ def test_captum_single_target(benchmark, prepared):
     _fp32_only(prepared, "captum")
     model, images = prepared[:2]
     measure(benchmark, prepared, "captum LayerGradCam single target", cases.captum(model, images, "layer4"), "layer4")
+
+
+NATIVE_ZOO = ["xgradcam", "hirescam", "layercam", "gradcam-elementwise"]
+
+
+@pytest.mark.parametrize("method", NATIVE_ZOO)
+def test_native_zoo_single_target(benchmark, prepared, method):
+    model, images, _, _, dtype = prepared
+    measure(benchmark, prepared, f"{method} single target", cases.ours(method, model, images, "layer4", dtype=dtype), "layer4")
+
+
+@pytest.mark.parametrize("method", NATIVE_ZOO)
+def test_pytorch_grad_cam_native_zoo_single_target(benchmark, prepared, method):
+    _fp32_only(prepared, "pytorch_grad_cam")
+    model, images = prepared[:2]
+    label = cases.PGC_CLASSES[method]
+    measure(benchmark, prepared, f"pytorch-grad-cam {label} single target", cases.pgc(method, model, images, "layer4"), "layer4")

@@ -15,6 +15,14 @@ import explainkit
 from explainkit.explainers.gradient import GradCAM, GradCAMPlusPlus
 
 NUM_CLASSES = 10
+PGC_CLASSES = {
+    "gradcam": "GradCAM",
+    "gradcam++": "GradCAMPlusPlus",
+    "xgradcam": "XGradCAM",
+    "hirescam": "HiResCAM",
+    "layercam": "LayerCAM",
+    "gradcam-elementwise": "GradCAMElementWise",
+}
 
 
 def autocast_context(device: torch.device, dtype: torch.dtype | None):
@@ -46,11 +54,10 @@ def ours_ten_calls(model, images, layer: str, dtype=None) -> Callable[[], object
 
 def pgc(method: str, model, images, layer: str, classes=(None,)) -> Callable[[], object]:
     """pytorch-grad-cam, one call per class in ``classes`` (None = its predicted class)."""
-    from pytorch_grad_cam import GradCAM as PgcGradCAM  # peers import on use: the GPU image lacks them
-    from pytorch_grad_cam import GradCAMPlusPlus as PgcGradCAMPlusPlus
+    import pytorch_grad_cam as pgc_module  # peers import on use: the GPU image lacks them
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-    method_class = {"gradcam": PgcGradCAM, "gradcam++": PgcGradCAMPlusPlus}[method]
+    method_class = getattr(pgc_module, PGC_CLASSES[method])
     target_layer = model.get_submodule(layer)
 
     def run():

@@ -86,6 +86,18 @@ def _targets(rows, group) -> list[tuple[str, float | None, str, bool | None]]:
             speedup("gradcam single target", "pytorch-grad-cam GradCAM single target", "layer4"),
             2.5,
         ),
+    ] + [
+        (
+            f"{ours} vs pytorch-grad-cam {theirs} @layer4",
+            speedup(f"{ours} single target", f"pytorch-grad-cam {theirs} single target", "layer4"),
+            2.5,
+        )
+        for ours, theirs in (
+            ("xgradcam", "XGradCAM"),
+            ("hirescam", "HiResCAM"),
+            ("layercam", "LayerCAM"),
+            ("gradcam-elementwise", "GradCAMElementWise"),
+        )
     ]
     for what, value, target in checks:
         out.append((what, value, f">= {target}x", None if value is None else value >= target))
