@@ -118,17 +118,31 @@ class DeviceAugment:
         inside_y = (y >= params["hole_y"][:, None]) & (y < params["hole_y"][:, None] + self.hole)
         inside_x = (x >= params["hole_x"][:, None]) & (x < params["hole_x"][:, None] + self.hole)
         hole = inside_y[:, :, None] & inside_x[:, None, :] & params["cutout"][:, None, None]  # (B, H, W)
-        out = torch.where(hole[..., None], self.fill.to(device), out)
+        if self.fill.device != device:  # moved once, not per batch
+            self.fill = self.fill.to(device)
+        out = torch.where(hole[..., None], self.fill, out)
         return out.permute(0, 3, 1, 2)
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         return self.apply(images, self.sample(images.shape[0], images.shape[-1], generator))
 
 
-def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float], channels_last: bool = False) -> torch.Tensor:
-    """uint8 ``(B, 3, H, W)`` -> float32 ``(x / 255 - mean) / std``."""
-    scale = torch.tensor(std, device=images.device).mul(255.0).view(1, -1, 1, 1)
-    shift = torch.tensor(mean, device=images.device).mul(255.0).view(1, -1, 1, 1)
+def _affine(mean: Sequence[float], std: Sequence[float], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(shift, scale) with ``(x - shift) / scale == (x / 255 - mean) / std``, shaped to broadcast."""
+    return torch.tensor(mean, device=device).mul(255.0).view(1, -1, 1, 1), torch.tensor(std, device=device).mul(255.0).view(
+        1, -1, 1, 1
+    )
+
+
+def normalize(
+    images: torch.Tensor,
+    mean: Sequence[float],
+    std: Sequence[float],
+    channels_last: bool = False,
+    affine: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """uint8 ``(B, 3, H, W)`` -> float32 ``(x / 255 - mean) / std`` (``affine``: precomputed on the device)."""
+    shift, scale = affine if affine is not None else _affine(mean, std, images.device)
     out = (images.float() - shift) / scale
     return out.contiguous(memory_format=torch.channels_last) if channels_last else out
 
@@ -158,6 +172,7 @@ class DeviceBatches:
         self.rank, self.world_size = rank, world_size
         self.epoch = 0
         self.channels_last = split.images.device.type == "cuda"
+        self.affine = _affine(mean, std, split.images.device)  # once: no host-to-device copy per batch
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -181,7 +196,7 @@ class DeviceBatches:
             images = self.split.images[index]
             if self.augment is not None:
                 images = self.augment(images, generator)
-            yield normalize(images, self.mean, self.std, self.channels_last), self.split.labels[index]
+            yield normalize(images, self.mean, self.std, self.channels_last, self.affine), self.split.labels[index]
 
 
 class SplitDataset(torch.utils.data.Dataset):
