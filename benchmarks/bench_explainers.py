@@ -158,7 +158,7 @@ def test_captum_single_target(benchmark, prepared):
     measure(benchmark, prepared, "captum LayerGradCam single target", cases.captum(model, images, "layer4"), "layer4")
 
 
-NATIVE_ZOO = ["xgradcam", "hirescam", "layercam", "gradcam-elementwise"]
+NATIVE_ZOO = ["xgradcam", "hirescam", "layercam", "gradcam-elementwise", "eigencam"]
 
 
 @pytest.mark.parametrize("method", NATIVE_ZOO)

@@ -22,6 +22,7 @@ PGC_CLASSES = {
     "hirescam": "HiResCAM",
     "layercam": "LayerCAM",
     "gradcam-elementwise": "GradCAMElementWise",
+    "eigencam": "EigenCAM",
 }
 
 

@@ -99,6 +99,13 @@ def _targets(rows, group) -> list[tuple[str, float | None, str, bool | None]]:
             ("gradcam-elementwise", "GradCAMElementWise"),
         )
     ]
+    checks.append(
+        (
+            "eigencam vs pytorch-grad-cam EigenCAM @layer4",
+            speedup("eigencam single target", "pytorch-grad-cam EigenCAM single target", "layer4"),
+            1.5,
+        )
+    )
     for what, value, target in checks:
         out.append((what, value, f">= {target}x", None if value is None else value >= target))
     return out

@@ -12,7 +12,7 @@ import explainkit
 from explainkit.errors import ExplainkitError
 from explainkit.explainers.base import evaluation_mode, normalize_maps, postprocess, resolve_targets, upsample_bilinear
 
-BUILTINS = ["gradcam", "gradcam++", "xgradcam", "hirescam", "layercam", "gradcam-elementwise", "captum-gradcam"]
+BUILTINS = ["gradcam", "gradcam++", "xgradcam", "hirescam", "layercam", "gradcam-elementwise", "eigencam", "captum-gradcam"]
 
 
 def _hooks(model):

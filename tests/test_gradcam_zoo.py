@@ -19,7 +19,7 @@ FAST = [
     "pgc-layercam",
     "pgc-hirescam",
     "pgc-gradcam-elementwise",
-    "eigencam",
+    "pgc-eigencam",
     "eigengradcam",
     "pgc-gradcam",
     "pgc-gradcam++",

@@ -8,6 +8,7 @@ from explainkit.hookspecs import hookimpl
 @hookimpl
 def register_explainers(register):
     from explainkit.explainers.captum_gradcam import CaptumGradCAM
+    from explainkit.explainers.eigen import EigenCAM
     from explainkit.explainers.gradient import GradCAM, GradCAMElementWise, GradCAMPlusPlus, HiResCAM, LayerCAM, XGradCAM
 
     register("gradcam", GradCAM)
@@ -16,4 +17,5 @@ def register_explainers(register):
     register("hirescam", HiResCAM)
     register("layercam", LayerCAM)
     register("gradcam-elementwise", GradCAMElementWise)
+    register("eigencam", EigenCAM)
     register("captum-gradcam", CaptumGradCAM)

@@ -27,7 +27,7 @@ from explainkit.outputs import logits_of
 
 
 @contextmanager
-def layer_output_as_leaf(layer: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
+def layer_output_as_leaf(layer: nn.Module, *, gradients: bool = True) -> Iterator[dict[str, torch.Tensor]]:
     """Run the model's forward inside this block to get the layer output as a grad-requiring leaf.
 
     Autograd is off until ``layer`` has run (nothing below it is recorded, so no memory is
@@ -36,6 +36,9 @@ def layer_output_as_leaf(layer: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
 
     Thread-safe: the hook acts only on forwards run by the thread that entered the block, so
     several threads may explain with one shared model at once (grad mode is per thread too).
+
+    ``gradients=False`` (methods that need activations only, like EigenCAM): the output is
+    captured detached and autograd stays off for the whole forward.
     """
     captured: dict[str, torch.Tensor] = {}
     owner = threading.get_ident()
@@ -47,6 +50,9 @@ def layer_output_as_leaf(layer: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
             raise ExplainkitError(
                 f"layer {type(module).__name__} returns {type(output).__name__}, not a tensor; pick another layer"
             )
+        if not gradients:
+            captured["activations"] = output.detach()
+            return None
         torch.set_grad_enabled(True)
         leaf = output.detach().requires_grad_(True)
         captured["activations"] = leaf

@@ -25,7 +25,7 @@ from explainkit.explainers.base import Explainer, resolve_targets
 METHODS = {
     "scorecam": ScoreCAM,
     "ablationcam": AblationCAM,
-    "eigencam": EigenCAM,
+    "pgc-eigencam": EigenCAM,
     "eigengradcam": EigenGradCAM,
     "pgc-xgradcam": XGradCAM,
     "pgc-layercam": LayerCAM,

@@ -1,0 +1,60 @@
+"""EigenCAM: the first principal component of the layer's activations, no gradients."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from explainkit.errors import ExplainkitError
+from explainkit.explainers.base import Explainer, Targets, resolve_targets
+from explainkit.explainers.gradient import layer_output_as_leaf
+from explainkit.layouts import Layout, infer_layout
+from explainkit.outputs import logits_of
+
+
+class EigenCAM(Explainer):
+    r"""Eigen-CAM (Muhammad & Yeasin, IJCNN 2020, https://arxiv.org/abs/2008.00299).
+
+    With ``X`` the ``(hw, C)`` activations of one image, centred per channel, and ``v_1`` its first
+    right singular vector:
+
+    .. math:: L = \mathrm{reshape}_{h \times w}(X v_1) = \sigma_1 u_1
+
+    The sign of a singular vector is arbitrary; the map is flipped when its most negative value
+    outweighs its most positive one (the correction of Chung & Ying 2025, eq. 13), so salient
+    regions come out positive. pytorch-grad-cam's ``EigenCAM`` leaves the sign to LAPACK; the maps
+    agree up to that sign.
+
+    Class-agnostic: every target gets the same map (``targets="all"`` repeats it). Cost: one
+    forward without autograd and one small batched SVD on the device (``hw x C`` per image), no
+    backward. Prefer it for a quick look at what a layer attends to, or where gradients are
+    unavailable or noisy; prefer gradient CAMs to tell classes apart.
+    """
+
+    name = "eigencam"
+
+    def __init__(self, model: nn.Module, layer: str | nn.Module | None = None, *, layout: Layout | None = None) -> None:
+        super().__init__(model, layer)
+        self.layout = layout
+
+    def compute(self, images: torch.Tensor, targets: Targets):
+        with torch.no_grad(), layer_output_as_leaf(self.layer, gradients=False) as captured:
+            logits = logits_of(self.model(images))
+        if "activations" not in captured:
+            raise ExplainkitError(f"layer {self.layer_name!r} did not run in the model's forward pass")
+        output = captured["activations"]
+        layout = self.layout or infer_layout(
+            tuple(output.shape), (images.shape[-2], images.shape[-1]), self.model, self.layer_name
+        )
+        activations = torch.nan_to_num(layout.to_channels_first(output.float()))  # (N, C, h, w)
+        flat = activations.flatten(2).transpose(1, 2)  # (N, hw, C)
+        flat = flat - flat.mean(dim=1, keepdim=True)
+        u, s, _ = torch.linalg.svd(flat, full_matrices=False)  # batched, on the device
+        projection = (u[..., 0] * s[..., :1]).unflatten(1, activations.shape[-2:])  # X v_1 = sigma_1 u_1
+        extremes = projection.flatten(1)
+        flip = extremes.amin(dim=1).abs() > extremes.amax(dim=1).abs()
+        projection = torch.where(flip[:, None, None], -projection, projection)
+        resolved = resolve_targets(targets, logits)
+        if isinstance(resolved, str):  # ALL: class-agnostic, the same map for every class
+            return projection[:, None].expand(-1, logits.shape[1], -1, -1), logits, resolved
+        return projection, logits, resolved
