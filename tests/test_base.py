@@ -12,7 +12,16 @@ import explainkit
 from explainkit.errors import ExplainkitError
 from explainkit.explainers.base import evaluation_mode, normalize_maps, postprocess, resolve_targets, upsample_bilinear
 
-BUILTINS = ["gradcam", "gradcam++", "xgradcam", "hirescam", "layercam", "gradcam-elementwise", "eigencam", "captum-gradcam"]
+BUILTINS = [
+    "gradcam",
+    "gradcam++",
+    "xgradcam",
+    "hirescam",
+    "layercam",
+    "gradcam-elementwise",
+    "eigencam",
+    "captum-gradcam",
+]  # scorecam's contract: tests/test_score.py, at one image (it runs a forward per channel)
 
 
 def _hooks(model):

@@ -47,7 +47,7 @@ def test_zoo_methods_follow_the_contract(name, random_model, images):
 
 def test_scorecam_runs_on_one_image(random_model):
     # Score-CAM costs one forward per channel of the layer (512 at layer4): keep it to one map.
-    maps = explainkit.get_explainer("scorecam", random_model)(torch.randn(1, 3, 32, 32), targets=3)
+    maps = explainkit.get_explainer("pgc-scorecam", random_model)(torch.randn(1, 3, 32, 32), targets=3)
     assert maps.shape == (1, 32, 32) and maps.max() <= 1 + 1e-6
 
 

@@ -10,6 +10,7 @@ def register_explainers(register):
     from explainkit.explainers.captum_gradcam import CaptumGradCAM
     from explainkit.explainers.eigen import EigenCAM
     from explainkit.explainers.gradient import GradCAM, GradCAMElementWise, GradCAMPlusPlus, HiResCAM, LayerCAM, XGradCAM
+    from explainkit.explainers.score import ScoreCAM
 
     register("gradcam", GradCAM)
     register("gradcam++", GradCAMPlusPlus)
@@ -18,4 +19,5 @@ def register_explainers(register):
     register("layercam", LayerCAM)
     register("gradcam-elementwise", GradCAMElementWise)
     register("eigencam", EigenCAM)
+    register("scorecam", ScoreCAM)
     register("captum-gradcam", CaptumGradCAM)

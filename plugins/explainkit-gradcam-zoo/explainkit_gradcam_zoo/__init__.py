@@ -23,7 +23,7 @@ from explainkit.explainers.base import Explainer, resolve_targets
 # Methods explainkit has natively keep pytorch-grad-cam's version under a "pgc-" name (a reference
 # to compare against, and no clash); the others keep their plain names until explainkit has them.
 METHODS = {
-    "scorecam": ScoreCAM,
+    "pgc-scorecam": ScoreCAM,
     "ablationcam": AblationCAM,
     "pgc-eigencam": EigenCAM,
     "eigengradcam": EigenGradCAM,
