@@ -173,3 +173,28 @@ def test_pytorch_grad_cam_native_zoo_single_target(benchmark, prepared, method):
     model, images = prepared[:2]
     label = cases.PGC_CLASSES[method]
     measure(benchmark, prepared, f"pytorch-grad-cam {label} single target", cases.pgc(method, model, images, "layer4"), "layer4")
+
+
+@pytest.mark.parametrize("case", ["scorecam single target", "scorecam all classes", "pytorch-grad-cam ScoreCAM single target"])
+def test_scorecam(benchmark, bench_model, case, request):
+    """Score-CAM costs a forward per channel (512 at layer4): 2 images, CPU, its own group."""
+    if case.startswith("pytorch"):
+        pytest.importorskip("pytorch_grad_cam")
+    images = torch.randn(2 if full_size(request.config) else 1, 3, 32, 32)
+    model = bench_model.to("cpu")
+    if case.startswith("pytorch"):
+        run = cases.pgc("scorecam", model, images, "layer4")
+    else:
+        run = cases.ours("scorecam", model, images, "layer4", "all" if "all" in case else None)
+    benchmark.group = "cpu-scorecam"
+    benchmark.extra_info.update(
+        case=case,
+        layer="layer4",
+        device="cpu",
+        batch=len(images),
+        dtype="fp32",
+        threads=torch.get_num_threads(),
+        images=len(images),
+        machine="cpu",
+    )
+    benchmark.pedantic(run, rounds=3, warmup_rounds=1, iterations=1)

@@ -23,6 +23,7 @@ PGC_CLASSES = {
     "layercam": "LayerCAM",
     "gradcam-elementwise": "GradCAMElementWise",
     "eigencam": "EigenCAM",
+    "scorecam": "ScoreCAM",
 }
 
 

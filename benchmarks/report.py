@@ -146,15 +146,29 @@ def write_results(benchmarks, path: Path) -> None:
         )
         lines += ["| case | layer | images/s | ratio to floor | ratio to interleaved floor |", "| --- | --- | --- | --- | --- |"]
         for row in in_group:
-            rel = row["ips"] / floor["ips"] if floor else float("nan")
+            rel = f"{row['ips'] / floor['ips']:.2f}x" if floor else "-"
             inter = f"{row['interleaved']:.2f}x" if row.get("interleaved") else "-"
-            lines.append(f"| {row['case']} | {row['layer']} | {row['ips']:.1f} | {rel:.2f}x | {inter} |")
+            lines.append(f"| {row['case']} | {row['layer']} | {row['ips']:.1f} | {rel} | {inter} |")
         lines.append("")
         if floor and floor["case"].startswith("forward"):  # single-batch groups
             lines += ["| target | measured | wanted | met |", "| --- | --- | --- | --- |"]
             for what, value, wanted, met in _targets(rows, group):
                 shown = "n/a" if value is None else f"{value:.2f}x"
                 lines.append(f"| {what} | {shown} | {wanted} | {'n/a' if met is None else ('yes' if met else '**no**')} |")
+            lines.append("")
+        elif group.endswith("-scorecam"):
+            single, every, peer = (
+                _find(rows, group, c)
+                for c in ("scorecam single target", "scorecam all classes", "pytorch-grad-cam ScoreCAM single target")
+            )
+            if single and peer:
+                lines += [
+                    f"scorecam vs pytorch-grad-cam ScoreCAM, single target @layer4: {peer['median_s'] / single['median_s']:.2f}x (target >= 1.2x)."
+                ]
+            if single and every:
+                lines += [
+                    f"scorecam all classes / single target time: {every['median_s'] / single['median_s']:.2f}x (target <= 1.5x)."
+                ]
             lines.append("")
         elif floor and group.endswith("-device-resident"):
             every = next((r for r in in_group if "all classes" in r["case"]), None)
