@@ -29,6 +29,17 @@ def test_plugin_example_runs(fresh_plugins, random_model):
     assert maps.shape == (2, 32, 32) and maps.max() <= 1
 
 
+def test_contributions_tutorial_equals_the_builtin(random_model):
+    from explainkit.explainers import LayerCAM
+
+    code = re.search(r"<!-- contributions-example -->\s*```python\n(.*?)```", README, re.S).group(1)
+    namespace: dict = {}
+    exec(compile(code, "README:contributions", "exec"), namespace)
+    images = torch.randn(3, 3, 32, 32)
+    ours = namespace["MyLayerCAM"](random_model, "layer3")
+    torch.testing.assert_close(ours(images, targets="all"), LayerCAM(random_model, "layer3")(images, targets="all"))
+
+
 def test_every_hook_is_documented_and_tested():
     tests = "".join(p.read_text() for p in Path(REPO / "tests").glob("test_*.py"))
     assert _hook_names() == ["register_explainers"]
