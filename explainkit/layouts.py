@@ -52,6 +52,15 @@ class Layout:
         return self.kind
 
 
+def resolve_layout(
+    layout: Layout | None, output: torch.Tensor, images: torch.Tensor, model: nn.Module, layer_name: str
+) -> Layout:
+    """``layout`` if the user gave one (it always wins), else :func:`infer_layout` for this output."""
+    if layout is not None:
+        return layout
+    return infer_layout(tuple(output.shape), (images.shape[-2], images.shape[-1]), model, layer_name)
+
+
 def _declared_tokens(model: nn.Module, images_hw: tuple[int, int]) -> tuple[int | None, tuple[int, int] | None]:
     """(prefix tokens, grid) as the model declares them, each None where it does not."""
     prefix: int | None = None

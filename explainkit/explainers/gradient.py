@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from explainkit.errors import ExplainkitError
 from explainkit.explainers.base import ALL, Explainer, Targets, resolve_targets
-from explainkit.layouts import Layout, infer_layout
+from explainkit.layouts import Layout, resolve_layout
 from explainkit.outputs import logits_of
 
 
@@ -67,6 +67,18 @@ def layer_output_as_leaf(layer: nn.Module, *, gradients: bool = True) -> Iterato
     finally:
         handle.remove()
         torch.set_grad_enabled(grad_enabled)
+
+
+def forward_with_activations(
+    model: nn.Module, layer: nn.Module, layer_name: str, images: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(logits, the layer's detached output)`` from one forward without autograd (for methods
+    that need activations only: EigenCAM, Score-CAM)."""
+    with torch.no_grad(), layer_output_as_leaf(layer, gradients=False) as captured:
+        logits = logits_of(model(images))
+    if "activations" not in captured:
+        raise ExplainkitError(f"layer {layer_name!r} did not run in the model's forward pass")
+    return logits, captured["activations"]
 
 
 class GradientCAM(Explainer):
@@ -127,7 +139,7 @@ class GradientCAM(Explainer):
         if "activations" not in captured:
             raise ExplainkitError(f"layer {self.layer_name!r} did not run in the model's forward pass")
         leaf = captured["activations"]  # the layer's own layout: (N, C, h, w), (N, h, w, C) or (N, L, C)
-        layout = self.layout or infer_layout(tuple(leaf.shape), (images.shape[-2], images.shape[-1]), self.model, self.layer_name)
+        layout = resolve_layout(self.layout, leaf, images, self.model, self.layer_name)
         activations = layout.to_channels_first(leaf.detach().float())  # (N, C, h, w), prefix tokens dropped
         resolved = resolve_targets(targets, logits)
         num_classes = logits.shape[1]

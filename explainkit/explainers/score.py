@@ -8,8 +8,8 @@ import torch.nn.functional as F
 
 from explainkit.errors import ExplainkitError
 from explainkit.explainers.base import Explainer, Targets, resolve_targets
-from explainkit.explainers.gradient import layer_output_as_leaf
-from explainkit.layouts import Layout, infer_layout
+from explainkit.explainers.gradient import forward_with_activations
+from explainkit.layouts import Layout, resolve_layout
 from explainkit.outputs import logits_of
 
 
@@ -59,14 +59,8 @@ class ScoreCAM(Explainer):
         return torch.cat(scores).view(n, c, -1)
 
     def compute(self, images: torch.Tensor, targets: Targets):
-        with torch.no_grad(), layer_output_as_leaf(self.layer, gradients=False) as captured:
-            logits = logits_of(self.model(images))
-        if "activations" not in captured:
-            raise ExplainkitError(f"layer {self.layer_name!r} did not run in the model's forward pass")
-        output = captured["activations"]
-        layout = self.layout or infer_layout(
-            tuple(output.shape), (images.shape[-2], images.shape[-1]), self.model, self.layer_name
-        )
+        logits, output = forward_with_activations(self.model, self.layer, self.layer_name, images)
+        layout = resolve_layout(self.layout, output, images, self.model, self.layer_name)
         activations = layout.to_channels_first(output.float())  # (N, C, h, w)
         resolved = resolve_targets(targets, logits)
         with torch.no_grad():
