@@ -175,18 +175,25 @@ def test_pytorch_grad_cam_native_zoo_single_target(benchmark, prepared, method):
     measure(benchmark, prepared, f"pytorch-grad-cam {label} single target", cases.pgc(method, model, images, "layer4"), "layer4")
 
 
-@pytest.mark.parametrize("case", ["scorecam single target", "scorecam all classes", "pytorch-grad-cam ScoreCAM single target"])
-def test_scorecam(benchmark, bench_model, case, request):
-    """Score-CAM costs a forward per channel (512 at layer4): 2 images, CPU, its own group."""
+PERTURBATION_CASES = [
+    f"{method} {case}" for method in ("scorecam", "ablationcam") for case in ("single target", "all classes")
+] + ["pytorch-grad-cam ScoreCAM single target", "pytorch-grad-cam AblationCAM single target"]
+
+
+@pytest.mark.parametrize("case", PERTURBATION_CASES)
+def test_perturbation(benchmark, bench_model, case, request):
+    """Score-CAM and Ablation-CAM cost a forward per channel (512 at layer4), so they run on
+    2 images on the CPU in their own group."""
     if case.startswith("pytorch"):
         pytest.importorskip("pytorch_grad_cam")
     images = torch.randn(2 if full_size(request.config) else 1, 3, 32, 32)
     model = bench_model.to("cpu")
     if case.startswith("pytorch"):
-        run = cases.pgc("scorecam", model, images, "layer4")
+        run = cases.pgc("ablationcam" if "Ablation" in case else "scorecam", model, images, "layer4")
     else:
-        run = cases.ours("scorecam", model, images, "layer4", "all" if "all" in case else None)
-    benchmark.group = "cpu-scorecam"
+        method, _ = case.split(" ", 1)
+        run = cases.ours(method, model, images, "layer4", "all" if "all" in case else None)
+    benchmark.group = "cpu-perturbation"
     benchmark.extra_info.update(
         case=case,
         layer="layer4",

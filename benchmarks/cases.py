@@ -24,6 +24,7 @@ PGC_CLASSES = {
     "gradcam-elementwise": "GradCAMElementWise",
     "eigencam": "EigenCAM",
     "scorecam": "ScoreCAM",
+    "ablationcam": "AblationCAM",
 }
 
 

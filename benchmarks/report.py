@@ -156,20 +156,24 @@ def write_results(benchmarks, path: Path) -> None:
                 shown = "n/a" if value is None else f"{value:.2f}x"
                 lines.append(f"| {what} | {shown} | {wanted} | {'n/a' if met is None else ('yes' if met else '**no**')} |")
             lines.append("")
-        elif group.endswith("-scorecam"):
-            single, every, peer = (
-                _find(rows, group, c)
-                for c in ("scorecam single target", "scorecam all classes", "pytorch-grad-cam ScoreCAM single target")
-            )
-            if single and peer:
-                lines += [
-                    f"scorecam vs pytorch-grad-cam ScoreCAM, single target @layer4: {peer['median_s'] / single['median_s']:.2f}x (target >= 1.2x)."
-                ]
-            if single and every:
-                lines += [
-                    f"scorecam all classes / single target time: {every['median_s'] / single['median_s']:.2f}x (target <= 1.5x)."
-                ]
-            lines.append("")
+        elif group.endswith(("-scorecam", "-perturbation")):
+            for method, peer_name, wanted in (("scorecam", "ScoreCAM", 1.2), ("ablationcam", "AblationCAM", 5.0)):
+                single, every, peer = (
+                    _find(rows, group, c)
+                    for c in (f"{method} single target", f"{method} all classes", f"pytorch-grad-cam {peer_name} single target")
+                )
+                if single and peer:
+                    lines += [
+                        f"{method} vs pytorch-grad-cam {peer_name}, single target @layer4: "
+                        f"{peer['median_s'] / single['median_s']:.2f}x (target >= {wanted}x).",
+                        "",
+                    ]
+                if single and every:
+                    lines += [
+                        f"{method} all classes / single target time: {every['median_s'] / single['median_s']:.2f}x "
+                        "(target <= 1.5x).",
+                        "",
+                    ]
         elif floor and group.endswith("-device-resident"):
             every = next((r for r in in_group if "all classes" in r["case"]), None)
             if every:

@@ -20,6 +20,7 @@ BUILTINS = [
     "layercam",
     "gradcam-elementwise",
     "eigencam",
+    "ablationcam",
     "captum-gradcam",
 ]  # scorecam's contract: tests/test_score.py, at one image (it runs a forward per channel)
 

@@ -1,4 +1,4 @@
-"""Registers explainkit's own explainers: gradcam, gradcam++, xgradcam, hirescam, layercam, gradcam-elementwise and captum-gradcam."""
+"""Registers explainkit's own explainers: gradcam, gradcam++, xgradcam, hirescam, layercam, gradcam-elementwise, eigencam, scorecam, ablationcam and captum-gradcam."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from explainkit.hookspecs import hookimpl
 
 @hookimpl
 def register_explainers(register):
+    from explainkit.explainers.ablation import AblationCAM
     from explainkit.explainers.captum_gradcam import CaptumGradCAM
     from explainkit.explainers.eigen import EigenCAM
     from explainkit.explainers.gradient import GradCAM, GradCAMElementWise, GradCAMPlusPlus, HiResCAM, LayerCAM, XGradCAM
@@ -20,4 +21,5 @@ def register_explainers(register):
     register("gradcam-elementwise", GradCAMElementWise)
     register("eigencam", EigenCAM)
     register("scorecam", ScoreCAM)
+    register("ablationcam", AblationCAM)
     register("captum-gradcam", CaptumGradCAM)

@@ -24,7 +24,7 @@ from explainkit.explainers.base import Explainer, resolve_targets
 # to compare against, and no clash); the others keep their plain names until explainkit has them.
 METHODS = {
     "pgc-scorecam": ScoreCAM,
-    "ablationcam": AblationCAM,
+    "pgc-ablationcam": AblationCAM,
     "pgc-eigencam": EigenCAM,
     "eigengradcam": EigenGradCAM,
     "pgc-xgradcam": XGradCAM,
