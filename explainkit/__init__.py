@@ -6,6 +6,8 @@ Example:
     >>> cam = explainkit.get_explainer("gradcam", model, layer="layer4")
     >>> maps = cam(images)                      # (N, H, W) in [0, 1]
     >>> per_class = cam(images, targets="all")  # (N, K, H, W)
+    >>> vit = explainkit.load_spec("timm:vit_small_patch16_224", "vit.safetensors")  # any classifier
+    >>> top5 = explainkit.get_explainer("gradcam", vit)(vit.card.preprocess(pil_image), targets=("topk", 5))
 """
 
 from explainkit.card import ModelCard
@@ -20,6 +22,7 @@ from explainkit.errors import (
 )
 from explainkit.hookspecs import hookimpl
 from explainkit.maps_store import load_maps
+from explainkit.model_specs import load_spec
 from explainkit.models import build_model, load_model, model_card, save_model
 from explainkit.plugins import plugin_manager
 from explainkit.registry import get_explainer, list_explainers
@@ -41,6 +44,7 @@ __all__ = [
     "list_explainers",
     "load_maps",
     "load_model",
+    "load_spec",
     "model_card",
     "plugin_manager",
     "save_model",

@@ -16,6 +16,9 @@ from explainkit.errors import CheckpointError
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.247, 0.243, 0.261)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
 
 
 @dataclass
@@ -28,6 +31,10 @@ class ModelCard:
     mean: list[float] = field(default_factory=lambda: list(CIFAR10_MEAN))
     std: list[float] = field(default_factory=lambda: list(CIFAR10_STD))
     input_size: list[int] = field(default_factory=lambda: [3, 32, 32])
+    #: ImageNet-style preprocessing: resize the shorter side to ``resize``, then centre-crop to
+    #: ``input_size``; ``None`` resizes straight to ``input_size`` (CIFAR).
+    resize: int | None = None
+    interpolation: str = "bilinear"
     test_accuracy: float | None = None
     epochs: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -61,6 +68,10 @@ class ModelCard:
             raise ValueError("mean/std need one value per input channel")
         if len(self.input_size) != 3:
             raise ValueError("input_size must be [channels, height, width]")
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, not {self.interpolation!r}")
+        if self.resize is not None and self.resize < min(self.image_size):
+            raise ValueError(f"resize {self.resize} is smaller than the input size {self.image_size}")
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -70,6 +81,13 @@ class ModelCard:
     @property
     def image_size(self) -> tuple[int, int]:
         return int(self.input_size[1]), int(self.input_size[2])
+
+    def describe_preprocessing(self) -> str:
+        size = "x".join(map(str, self.image_size))
+        fit = f"resize {self.resize} + centre crop {size}" if self.resize else f"resize to {size}"
+        mean = ", ".join(f"{v:.3g}" for v in self.mean)
+        std = ", ".join(f"{v:.3g}" for v in self.std)
+        return f"{fit} ({self.interpolation}), mean ({mean}), std ({std})"
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """``(N, C, H, W)`` floats in [0, 1] -> normalised model input."""
@@ -86,7 +104,7 @@ class ModelCard:
     def preprocess(self, images: Any | Sequence[Any]) -> torch.Tensor:
         """PIL images or ``uint8`` arrays (``HxW``, ``HxWx3`` or ``NxHxWx3``) -> normalised ``(N, 3, H, W)``.
 
-        Images are converted to RGB and resized (antialiased bilinear) to the card's input size.
+        Images are converted to RGB and fitted to the card's input size (:meth:`fit`).
 
         Example:
             >>> batch = model.card.preprocess(PIL.Image.open("cat.jpg"))
@@ -100,6 +118,6 @@ class ModelCard:
             items = images
         else:
             items = [images]
-        arrays = [to_rgb_uint8(item, self.image_size) for item in items]
+        arrays = [to_rgb_uint8(item, self.image_size, self.resize, self.interpolation) for item in items]
         batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div_(255)
         return self.normalize(batch)

@@ -57,8 +57,11 @@ def _add_model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--data-dir", help="ImageFolder tree with train/ and test/ (default $EXPLAINKIT_DATA_DIR, else CIFAR-10 download)"
     )
-    parser.add_argument("--batch-size", type=_positive_int, default=128)
-    parser.add_argument("--device", choices=DEVICE_CHOICES, default="auto")
+    parser.add_argument("--batch-size", type=_positive_int, default=128, help="images per forward (default 128)")
+    parser.add_argument("--device", choices=DEVICE_CHOICES, default="auto", help="default: cuda, else mps, else cpu")
+    from explainkit.commands.model_source import add_spec_flags
+
+    add_spec_flags(parser, _positive_int)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,6 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     explain.add_argument("--layer", help="dotted submodule path, e.g. layer4 or layer3.1 (default: the model's last stage)")
     explain.add_argument("--image", nargs="+", metavar="PATH", help="explain these image files instead of the test split")
+    explain.add_argument(
+        "--targets",
+        default="auto",
+        metavar="auto|all|topk:K",
+        help="classes in per_class.png: every class, or each image's K most probable (default auto: all up to 20 classes, else topk:5)",
+    )
     explain.add_argument("--out", default="outputs", help="output directory (default: outputs/)")
     explain.add_argument("--samples", type=_non_negative_int, default=3, help="images in per_class.png (default 3)")
     explain.add_argument("--misclassified", type=_non_negative_int, default=10, help="rows in misclassified.png (default 10)")
@@ -94,6 +103,14 @@ def build_parser() -> argparse.ArgumentParser:
     from explainkit.commands.evaluate import add_evaluate_parser
 
     add_evaluate_parser(sub, _positive_int, DEVICE_CHOICES)
+
+    layers = sub.add_parser("layers", help="a model's candidate CAM layers, their output shapes and the default")
+    layers.add_argument("--checkpoint", help="model weights with a .json card; default: newest under the model store")
+    layers.add_argument("--models-dir", help="model store (default $EXPLAINKIT_MODELS_DIR or ./models)")
+    layers.add_argument("--all", action="store_true", help="every submodule, not only stages, blocks and their norms")
+    from explainkit.commands.model_source import add_spec_flags
+
+    add_spec_flags(layers, _positive_int)
 
     methods = sub.add_parser("methods", help="list registered explainers and the plugin of each")
     methods.add_argument("--json", action="store_true", help="machine-readable output")
@@ -149,6 +166,12 @@ def _cmd_lr_find(args: argparse.Namespace) -> int:
     return run_lr_find(args)
 
 
+def _cmd_layers(args: argparse.Namespace) -> int:
+    from explainkit.commands.layers import run_layers
+
+    return run_layers(args)
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from explainkit.commands.evaluate import run_evaluate
 
@@ -160,9 +183,14 @@ COMMANDS = {
     "train": _cmd_train,
     "lr-find": _cmd_lr_find,
     "explain": _cmd_explain,
+    "layers": _cmd_layers,
     "methods": _cmd_methods,
     "plugins": _cmd_plugins,
 }
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:  # noqa: ARG001 - warnings' signature
+    return f"explainkit: warning: {message}\n"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -170,6 +198,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = bool(os.environ.get("EXPLAINKIT_DEBUG"))
     if not debug:
         warnings.filterwarnings("ignore", category=UserWarning)
+        warnings.formatwarning = _one_line_warning
     try:
         return COMMANDS[args.command](args)
     except ExplainkitError as exc:

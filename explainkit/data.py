@@ -32,13 +32,16 @@ def data_dir_from_env(data_dir: str | Path | None) -> Path | None:
 
 
 def eval_transform(card: ModelCard) -> Callable[..., torch.Tensor]:
-    """PIL image -> normalised tensor at the card's input size (no augmentation)."""
+    """PIL image -> normalised tensor at the card's input size (no augmentation): resized to the
+    input size, or for ImageNet-style cards (``card.resize``) shorter side resized, centre-cropped."""
+    interpolation = transforms.InterpolationMode(card.interpolation)
+    fit: list[Callable] = (
+        [transforms.Resize(card.resize, interpolation=interpolation, antialias=True), transforms.CenterCrop(card.image_size)]
+        if card.resize
+        else [transforms.Resize(card.image_size, interpolation=interpolation, antialias=True)]
+    )
     transform: Callable[..., torch.Tensor] = transforms.Compose(
-        [
-            transforms.Resize(card.image_size, antialias=True),
-            transforms.ToTensor(),
-            transforms.Normalize(card.mean, card.std),
-        ]
+        [*fit, transforms.ToTensor(), transforms.Normalize(card.mean, card.std)]
     )
     return transform
 
@@ -82,14 +85,35 @@ def load_split(
     transform: Callable | None = None,
     download: bool = True,
 ) -> Dataset:
-    """The ``split`` ("train"/"test") of the data, with classes checked against the model card."""
+    """The ``split`` ("train"/"test") of the data, with classes checked against the model card.
+
+    The data's classes must be the model's, or (an ImageFolder of a few of an ImageNet model's
+    classes, say) a subset of them by name: labels are then mapped to the model's indices.
+    """
     dataset, classes = open_split(split, transform or eval_transform(card), data_dir, download)
-    if classes != list(card.classes):
+    if classes == list(card.classes):
+        return dataset
+    index = {name: i for i, name in enumerate(card.classes)}
+    unknown = [name for name in classes if name not in index]
+    if unknown:
+        shown = ", ".join(unknown[:5]) + ("..." if len(unknown) > 5 else "")
         raise DataError(
-            f"the data's classes {classes[:10]}{'...' if len(classes) > 10 else ''} differ from the model card's "
-            f"{list(card.classes)[:10]}; point --data-dir at data for this model"
+            f"the data's class folders {shown} are not classes of the model ({len(card.classes)} classes: "
+            f"{', '.join(list(card.classes)[:5])}...); name the folders after the model's classes or pass --classes FILE"
         )
+    if isinstance(dataset, datasets.ImageFolder):
+        dataset.target_transform = ToModelClass([index[name] for name in classes])
     return dataset
+
+
+class ToModelClass:
+    """Folder label -> the model's class index (a picklable ``target_transform`` for workers)."""
+
+    def __init__(self, mapping: list[int]) -> None:
+        self.mapping = mapping
+
+    def __call__(self, label: int) -> int:
+        return self.mapping[label]
 
 
 def make_loader(

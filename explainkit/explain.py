@@ -23,12 +23,26 @@ from explainkit import visualize
 from explainkit.card import ModelCard
 from explainkit.data import dataset_size, make_loader
 from explainkit.distributed import DistContext
-from explainkit.explainers.base import Explainer, ExplainerFn, Explanation, Targets, evaluation_mode
+from explainkit.errors import ExplainkitError
+from explainkit.explainers.base import (
+    ALL,
+    TOPK,
+    Explainer,
+    ExplainerFn,
+    Explanation,
+    Targets,
+    class_sets,
+    evaluation_mode,
+    parse_topk,
+    resolve_targets,
+)
 from explainkit.io import write_json
 from explainkit.maps_store import STORE_NAME, MapsStore
 from explainkit.outputs import logits_of
 
 SCHEMA_VERSION = 1
+MAX_CLASSES_SHOWN = 20  # per_class.png shows every class up to this many, else the top-k
+AUTO_TOPK = 5
 
 
 @dataclass
@@ -44,8 +58,27 @@ def layer_of(explainer: ExplainerFn) -> str | None:
     return explainer.layer_name if isinstance(explainer, Explainer) else getattr(explainer, "layer_name", None)
 
 
-def _per_class_title(name: str, explainer: ExplainerFn) -> str:
-    return f"{name} @ {layer_of(explainer) or '-'}: CAM for every class (probability)"
+def parse_figure_targets(text: str) -> str | tuple[str, int]:
+    """``--targets``: ``"auto"``, ``"all"`` or ``("topk", k)``; anything else is a clear error."""
+    if text in ("auto", ALL):
+        return text
+    k = parse_topk(text)
+    if k is None:
+        raise ExplainkitError(f"--targets {text!r}: use auto, all or topk:K (e.g. topk:5)")
+    return (TOPK, k)
+
+
+def figure_targets(text: str, num_classes: int) -> str | tuple[str, int]:
+    """The per-class figure's targets: every class for small models, the top-k for large ones."""
+    parsed = parse_figure_targets(text)
+    if parsed == "auto":
+        return ALL if num_classes <= MAX_CLASSES_SHOWN else (TOPK, AUTO_TOPK)
+    return parsed
+
+
+def _per_class_title(name: str, explainer: ExplainerFn, targets: str | tuple[str, int]) -> str:
+    shown = "every class" if targets == ALL else f"the top {targets[1]} classes"
+    return f"{name} @ {layer_of(explainer) or '-'}: CAM for {shown} (probability)"
 
 
 def _summary(meta: dict[str, Any] | None, explainers: dict[str, ExplainerFn], images: int, **fields: Any) -> dict[str, Any]:
@@ -65,10 +98,22 @@ def _explain_batch(explainer: ExplainerFn, model: nn.Module, images: torch.Tenso
     """Explanations from our explainers, or from any plugin callable that only returns maps."""
     if isinstance(explainer, Explainer):
         return explainer.explain(images, targets)
-    maps = explainer(images, targets)
     with torch.no_grad():
         logits = logits_of(model(images))
-    return Explanation(maps, logits, None)
+    if parse_topk(targets) is not None:  # a plain plugin function: one call per rank
+        ranked = resolve_targets(targets, logits)
+        assert isinstance(ranked, torch.Tensor)
+        maps = torch.stack([explainer(images, column) for column in ranked.T], dim=1)
+        return Explanation(maps, logits, ranked)
+    return Explanation(explainer(images, targets), logits, None)
+
+
+def _shown_classes(result: Explanation) -> torch.Tensor | None:
+    """The ``(N, J)`` classes of a multi-class explanation; ``None`` when it covers every class."""
+    if result.targets is None:
+        return None
+    classes = class_sets(result.targets, result.logits)
+    return None if classes is None else classes.cpu()
 
 
 def _stack(dataset: Dataset, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -219,6 +264,7 @@ def explain_dataset(
     resume: bool = False,
     meta: dict[str, Any] | None = None,
     ctx: DistContext | None = None,
+    targets: str = "auto",
 ) -> ExplainResult:
     """Scan ``dataset`` (``limit`` evenly spaced images, default all) and write ``per_class.png``,
     ``misclassified.png``, ``methods.png`` (several methods), ``summary.json`` and, with
@@ -262,14 +308,16 @@ def explain_dataset(
     sample_images, sample_labels = _stack(dataset, sample_indices)
     if len(sample_indices):
         batch = sample_images.to(device)
-        per_class = _explain_batch(primary, model, batch, "all")
+        shown = figure_targets(targets, card.num_classes)
+        per_class = _explain_batch(primary, model, batch, shown)
         figure = visualize.per_class_grid(
             card.denormalize(sample_images),
             per_class.maps.cpu(),
             per_class.probabilities.cpu(),
             classes,
             labels=[f"true: {classes[y]}" for y in sample_labels.tolist()],
-            title=_per_class_title(primary_name, primary),
+            title=_per_class_title(primary_name, primary, shown),
+            class_indices=_shown_classes(per_class),
         )
         outputs.append(visualize.save_figure(figure, out / "per_class.png"))
         if len(explainers) > 1:
@@ -356,12 +404,14 @@ def explain_images(
     *,
     save_maps: bool = False,
     meta: dict[str, Any] | None = None,
+    targets: str = "auto",
 ) -> ExplainResult:
     """Explain given images (already preprocessed): ``per_class.png``, ``methods.png``, ``summary.json``."""
     primary_name, primary = next(iter(explainers.items()))
     started = time.perf_counter()
     batch = images.to(device)
-    per_class = _explain_batch(primary, model, batch, "all")
+    shown = figure_targets(targets, card.num_classes)
+    per_class = _explain_batch(primary, model, batch, shown)
     probabilities = per_class.probabilities.cpu()
     confidence, predicted = probabilities.max(dim=1)
     outputs = [
@@ -372,7 +422,8 @@ def explain_images(
                 probabilities,
                 card.classes,
                 labels=[Path(n).name for n in names],
-                title=_per_class_title(primary_name, primary),
+                title=_per_class_title(primary_name, primary, shown),
+                class_indices=_shown_classes(per_class),
             ),
             out / "per_class.png",
         )

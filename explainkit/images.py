@@ -11,7 +11,7 @@ from PIL import Image, UnidentifiedImageError
 from explainkit.errors import ImageReadError
 
 
-def _to_rgb_image(image: Image.Image) -> Image.Image:
+def to_rgb_image(image: Image.Image) -> Image.Image:
     """Any PIL mode -> RGB. 16/32-bit integer images are rescaled to 8 bits, never clipped;
     transparency is composited onto white."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
@@ -36,8 +36,37 @@ def _to_rgb_image(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def to_rgb_uint8(item: Any, size: tuple[int, int]) -> np.ndarray:
-    """A PIL image or uint8 array (``HxW``, ``HxWx1/3/4``) -> ``(H, W, 3)`` uint8 at ``size`` (h, w)."""
+RESAMPLING = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+}
+
+
+def fit_image(
+    image: Image.Image, size: tuple[int, int], resize: int | None = None, interpolation: str = "bilinear"
+) -> Image.Image:
+    """``image`` as the model sees it: resized straight to ``size`` (h, w), or with ``resize``,
+    its shorter side resized to ``resize`` and then centre-cropped to ``size`` (torchvision's
+    ``Resize`` + ``CenterCrop``, as ImageNet models are evaluated)."""
+    height, width = size
+    method = RESAMPLING[interpolation]
+    if resize is None:
+        if image.size != (width, height):
+            image = image.resize((width, height), method, reducing_gap=None)
+        return image
+    w, h = image.size
+    scale = resize / min(w, h)
+    new = (max(width, round(w * scale)), max(height, round(h * scale)))
+    if image.size != new:
+        image = image.resize(new, method, reducing_gap=None)
+    left, top = round((new[0] - width) / 2), round((new[1] - height) / 2)
+    return image.crop((left, top, left + width, top + height))
+
+
+def to_rgb_uint8(item: Any, size: tuple[int, int], resize: int | None = None, interpolation: str = "bilinear") -> np.ndarray:
+    """A PIL image or uint8 array (``HxW``, ``HxWx1/3/4``) -> ``(H, W, 3)`` uint8 at ``size`` (h, w),
+    fitted by :func:`fit_image`."""
     if isinstance(item, np.ndarray):
         array = item
         if array.dtype == np.uint16:
@@ -56,20 +85,16 @@ def to_rgb_uint8(item: Any, size: tuple[int, int]) -> np.ndarray:
         image = item
     else:
         raise TypeError(f"expected a PIL image or a numpy array, got {type(item).__name__}")
-    image = _to_rgb_image(image)
-    height, width = size
-    if image.size != (width, height):
-        image = image.resize((width, height), Image.Resampling.BILINEAR, reducing_gap=None)
-    return np.asarray(image, dtype=np.uint8)
+    return np.asarray(fit_image(to_rgb_image(image), size, resize, interpolation), dtype=np.uint8)
 
 
-def read_image(path: str | Path, size: tuple[int, int]) -> np.ndarray:
-    """Read an image file (any PIL format/mode) as ``(H, W, 3)`` uint8 at ``size``."""
+def read_image(path: str | Path, size: tuple[int, int], resize: int | None = None, interpolation: str = "bilinear") -> np.ndarray:
+    """Read an image file (any PIL format/mode) as ``(H, W, 3)`` uint8 at ``size`` (see :func:`fit_image`)."""
     path = Path(path)
     try:
         with Image.open(path) as image:
             image.load()
-            return to_rgb_uint8(image, size)
+            return to_rgb_uint8(image, size, resize, interpolation)
     except FileNotFoundError:
         raise ImageReadError(f"image not found: {path}") from None
     except IsADirectoryError:

@@ -8,10 +8,13 @@ import torch.nn as nn
 
 from explainkit.errors import LayerNotFoundError
 
-# Names tried in order when no layer is given: the last stage of torchvision's ResNets
-# (``layer4``), then the feature extractor of VGG/DenseNet/MobileNet/EfficientNet/ConvNeXt
-# (``features``). Other models fall back to their last Conv2d.
-DEFAULT_LAYER_NAMES = ("layer4", "features")
+# Top-level names tried in order when no layer is given, each the output of a CNN's last stage:
+# ResNets (torchvision, timm), torchvision's RegNet, torchvision's VGG/DenseNet/MobileNet/
+# EfficientNet/ConvNeXt/Swin, timm's ConvNeXt, timm's Swin (channels-last), timm's
+# EfficientNet/MobileNet, timm's RegNet. Other models fall back to their last Conv2d.
+DEFAULT_LAYER_NAMES = ("layer4", "trunk_output", "features", "stages", "layers", "blocks", "s4")
+# The first norm of a transformer block, by library: torchvision, timm, Hugging Face.
+BLOCK_NORMS = ("ln_1", "norm1", "layernorm_before")
 
 
 def candidate_layers(model: nn.Module) -> list[str]:
@@ -25,34 +28,55 @@ def candidate_layers(model: nn.Module) -> list[str]:
     return names
 
 
+def _is_hierarchical(model: nn.Module) -> bool:
+    """Swin-style models have transformer blocks but stage outputs that are feature maps."""
+    return "swin" in type(model).__name__.lower()
+
+
 def _transformer_default(model: nn.Module) -> str | None:
     """ViT-style models: the last block's first norm (its tokens still map to patches)."""
-    encoder_layers = getattr(getattr(model, "encoder", None), "layers", None)  # torchvision VisionTransformer
-    if isinstance(encoder_layers, nn.Sequential) and len(encoder_layers) and hasattr(encoder_layers[-1], "ln_1"):
-        return f"encoder.layers.{list(encoder_layers._modules)[-1]}.ln_1"
-    blocks = getattr(model, "blocks", None)  # timm VisionTransformer / DeiT / EVA
-    if isinstance(blocks, (nn.Sequential, nn.ModuleList)) and len(blocks) and hasattr(blocks[-1], "norm1"):
-        return f"blocks.{len(blocks) - 1}.norm1"
+    if _is_hierarchical(model):
+        return None
+    last = None
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] in BLOCK_NORMS and isinstance(module, nn.LayerNorm):
+            last = name
+    return last
+
+
+def _hf_stages(model: nn.Module) -> str | None:
+    """Hugging Face CNNs (ResNet, ConvNeXt, RegNet...): the last of ``<base>.encoder.stages``."""
+    for name, module in model.named_modules():
+        if name.endswith("encoder.stages") and isinstance(module, (nn.ModuleList, nn.Sequential)) and len(module):
+            return f"{name}.{len(module) - 1}"
     return None
 
 
-def default_layer(model: nn.Module) -> str:
-    """The layer used when none is given: for ViTs the last block's first norm; ``layer4``
-    (ResNets), ``features`` (VGG, DenseNet, MobileNet, EfficientNet, ConvNeXt, Swin), else the
-    last Conv2d."""
+def default_layer_and_reason(model: nn.Module) -> tuple[str, str]:
+    """``(layer, why)``: the layer used when none is given, and the rule that chose it."""
     transformer = _transformer_default(model)
     if transformer is not None:
-        return transformer
-    modules = dict(model.named_modules())
+        return transformer, "vision transformer: the last block's first norm (its patch tokens still map to the image)"
+    children = dict(model.named_children())
     for name in DEFAULT_LAYER_NAMES:
-        if name in modules:
-            return name
+        if name in children:
+            return name, f"the output of the last stage ({name!r})"
+    stages = _hf_stages(model)
+    if stages is not None:
+        return stages, "the output of the last stage (Hugging Face encoder.stages)"
     convs: list[str] = [name for name, module in model.named_modules() if isinstance(module, nn.Conv2d)]
     if not convs:
         raise LayerNotFoundError(
-            f"{type(model).__name__} has no Conv2d layer and no {'/'.join(DEFAULT_LAYER_NAMES)}; pass a layer explicitly"
+            f"{type(model).__name__} has no Conv2d layer, transformer block or known stage; pass a layer explicitly (--layer)"
         )
-    return convs[-1]
+    return convs[-1], "the last Conv2d (no known stage or transformer block)"
+
+
+def default_layer(model: nn.Module) -> str:
+    """The layer used when none is given: for ViTs the last block's first norm; the last stage of
+    ResNets, RegNets, VGG/DenseNet/MobileNet/EfficientNet/ConvNeXt/Swin (torchvision, timm,
+    Hugging Face), else the last Conv2d (see :func:`default_layer_and_reason`)."""
+    return default_layer_and_reason(model)[0]
 
 
 def resolve_layer(model: nn.Module, layer: str | nn.Module | None) -> tuple[str, nn.Module]:

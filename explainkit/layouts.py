@@ -101,6 +101,8 @@ def infer_layout(output_shape: tuple[int, ...], images_hw: tuple[int, int], mode
         )
     tokens = output_shape[1]
     prefix, grid = _declared_tokens(model, images_hw)
+    if grid is not None and tokens == grid[0] * grid[1]:  # patches only: before the prefix tokens are added
+        return Layout("tokens", 0, grid)
     if grid is not None and prefix is None:
         prefix = tokens - grid[0] * grid[1]
     if grid is not None and prefix is not None:

@@ -57,17 +57,22 @@ def per_class_grid(
     classes: Sequence[str],
     labels: Sequence[str] | None = None,
     title: str = "",
+    class_indices: torch.Tensor | None = None,
 ) -> Figure:
-    """One row per image: the image, then its CAM for every class, titled ``class (p)``."""
+    """One row per image: the image, then its CAM for every class, titled ``class (p)``.
+
+    ``class_indices`` (``(N, J)``, e.g. each image's top-k): the class of each map column, per image.
+    """
     n, k = maps.shape[:2]
     fig = Figure(figsize=(CELL * (k + 1), CELL * n + 0.6))
     axes = fig.subplots(n, k + 1, squeeze=False)
     for row in range(n):
         axes[row, 0].imshow(_hwc(images[row]))
         axes[row, 0].set_title(labels[row] if labels else "image", fontsize=8)
-        for cls in range(k):
-            ax = axes[row, cls + 1]
-            ax.imshow(overlay(images[row], maps[row, cls]))
+        for column in range(k):
+            cls = int(class_indices[row, column]) if class_indices is not None else column
+            ax = axes[row, column + 1]
+            ax.imshow(overlay(images[row], maps[row, column]))
             ax.set_title(f"{classes[cls]} ({float(probabilities[row, cls]):.2f})", fontsize=8)
         for ax in axes[row]:
             _blank(ax)

@@ -42,7 +42,14 @@ def test_resolve_targets_forms():
     assert resolve_targets("all", logits) == "all"
 
 
-@pytest.mark.parametrize("bad", [3, -1, [0], [0, 1, 2], [0, 5], "every", True, [0.5, 1.0]])
+def test_resolve_topk_orders_classes_by_score():
+    logits = torch.tensor([[0.0, 2.0, 1.0], [3.0, 0.0, 1.0]])
+    assert resolve_targets(("topk", 2), logits).tolist() == [[1, 2], [0, 2]]
+    assert resolve_targets("topk:1", logits).tolist() == [[1], [0]]
+    assert resolve_targets(("topk", 9), logits).shape == (2, 3)  # k beyond the classes: every class
+
+
+@pytest.mark.parametrize("bad", [3, -1, [0], [0, 1, 2], [0, 5], "every", True, [0.5, 1.0], "topk:0", "topk:x", ("topk", None)])
 def test_resolve_targets_rejects_bad_targets(bad):
     with pytest.raises(ExplainkitError):
         resolve_targets(bad, torch.zeros(2, 3))
@@ -84,6 +91,17 @@ def test_output_contract(name, random_model, images):
     per_map_max = maps.flatten(1).amax(1)
     assert torch.all((per_map_max == 0) | torch.isclose(per_map_max, torch.tensor(1.0)))
     assert explainer(images, targets="all").shape == (6, 10, 32, 32)
+
+
+@pytest.mark.parametrize("name", BUILTINS)
+def test_topk_maps_are_the_single_target_maps_of_each_rank(name, random_model, images):
+    explainer = explainkit.get_explainer(name, random_model)
+    result = explainer.explain(images, ("topk", 3))
+    assert result.maps.shape == (len(images), 3, *images.shape[-2:])
+    assert torch.equal(result.targets, result.logits.topk(3, dim=1).indices)
+    for rank in range(3):
+        single = explainer(images, targets=result.targets[:, rank])
+        torch.testing.assert_close(result.maps[:, rank], single, atol=2e-4, rtol=1e-3)
 
 
 @pytest.mark.parametrize("name", BUILTINS)

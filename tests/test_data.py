@@ -30,10 +30,25 @@ def test_wrong_layout_names_data_dir(tmp_path):
         data.load_split("test", ModelCard(), tmp_path / "missing")
 
 
-def test_classes_must_match_the_card(tiny_folder):
+def test_classes_must_be_the_models(tiny_folder):
     card = ModelCard(num_classes=2, classes=["cat", "dog"])
-    with pytest.raises(DataError, match="differ from the model card"):
+    with pytest.raises(DataError, match="are not classes of the model"):
         data.load_split("test", card, tiny_folder)
+
+
+def test_a_subset_of_the_models_classes_maps_labels_by_name(tmp_path):
+    from PIL import Image
+
+    for name in ("zebra", "ant"):  # folder order: ant (0), zebra (1)
+        (tmp_path / "test" / name).mkdir(parents=True)
+        Image.new("RGB", (40, 30), "red").save(tmp_path / "test" / name / "a.png")
+    classes = ["cat", "zebra", "dog", "ant"]
+    card = ModelCard(architecture="x", num_classes=4, classes=classes, input_size=[3, 24, 24], resize=28)
+    split = data.load_split("test", card, tmp_path)
+    labels = sorted(label for _, label in split)
+    assert labels == [1, 3]
+    image, _ = split[0]
+    assert image.shape == (3, 24, 24)  # shorter side to 28, centre crop 24
 
 
 def test_no_network_and_no_data_is_a_clear_error(monkeypatch, tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torchvision
 from pytorch_grad_cam import GradCAM as PgcGradCAM
 from pytorch_grad_cam import GradCAMElementWise as PgcGradCAMElementWise
 from pytorch_grad_cam import GradCAMPlusPlus as PgcGradCAMPlusPlus
@@ -12,6 +13,7 @@ from pytorch_grad_cam import LayerCAM as PgcLayerCAM
 from pytorch_grad_cam import XGradCAM as PgcXGradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
+import explainkit.explainers.gradient as gradient_module
 from explainkit.explainers.gradient import (
     GradCAM,
     GradCAMElementWise,
@@ -165,3 +167,23 @@ def test_native_zoo_all_classes_equal_single_targets(ours_class, random_model, i
     every = explainer(images, targets="all")
     for k in (0, 9):
         torch.testing.assert_close(every[:, k], explainer(images, targets=k), atol=1e-4, rtol=1e-4)
+
+
+def test_all_classes_of_a_1000_class_model_in_chunks_of_classes():
+    """``targets="all"`` runs class_chunk classes per backward: a small chunk gives the same maps
+    (so 1000-class models stay within bounded memory), and the chunks cover every class."""
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=1000).eval()
+    images = torch.randn(2, 3, 64, 64)
+    whole = GradCAM(model, "layer4", class_chunk=1000)(images, targets="all")
+    chunked = GradCAM(model, "layer4", class_chunk=64)
+    calls = []
+    original = gradient_module._batched_gradients
+    try:
+        gradient_module._batched_gradients = lambda *a, **k: calls.append(a[2].shape[0]) or original(*a, **k)
+        maps = chunked(images, targets="all")
+    finally:
+        gradient_module._batched_gradients = original
+    assert maps.shape == (2, 1000, 64, 64)
+    assert calls == [64] * 15 + [40]
+    torch.testing.assert_close(maps, whole, atol=1e-5, rtol=1e-4)

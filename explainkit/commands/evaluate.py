@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from explainkit.commands.model_source import check_spec_flags, load_spec_model
 from explainkit.data import data_dir_from_env, dataset_size, load_split
 from explainkit.device import select_device
 from explainkit.errors import ExplainkitError
@@ -24,20 +25,29 @@ SKIPPABLE = ("deletion", "confidence", "road", "sanity")
 
 def add_evaluate_parser(sub, positive_int, device_choices) -> None:
     evaluate = sub.add_parser("evaluate", help="faithfulness metrics per method, with 95%% CIs; --synthetic for ground truth")
-    evaluate.add_argument("--methods", "--method", dest="methods", default="gradcam,gradcam++,captum-gradcam")
+    evaluate.add_argument(
+        "--methods",
+        "--method",
+        dest="methods",
+        default="gradcam,gradcam++,captum-gradcam",
+        help="NAME[,NAME...] (default gradcam,gradcam++,captum-gradcam; see `explainkit methods`)",
+    )
     evaluate.add_argument("--layer", help="layer for every method (default: the model's default layer)")
     evaluate.add_argument("--limit", type=positive_int, default=200, help="test images, evenly spaced (default 200)")
     evaluate.add_argument("--steps", type=positive_int, default=32, help="deletion/insertion steps (default 32)")
-    evaluate.add_argument("--checkpoint")
-    evaluate.add_argument("--models-dir")
-    evaluate.add_argument("--data-dir")
-    evaluate.add_argument("--batch-size", type=positive_int, default=128)
-    evaluate.add_argument("--device", choices=device_choices, default="auto")
-    evaluate.add_argument("--out", default="outputs/evaluate")
+    evaluate.add_argument("--checkpoint", help="model weights with a .json card; default: newest under the model store")
+    evaluate.add_argument("--models-dir", help="model store (default $EXPLAINKIT_MODELS_DIR or ./models)")
+    evaluate.add_argument("--data-dir", help="ImageFolder tree with test/ (default $EXPLAINKIT_DATA_DIR, else CIFAR-10 download)")
+    evaluate.add_argument("--batch-size", type=positive_int, default=128, help="images per forward (default 128)")
+    evaluate.add_argument("--device", choices=device_choices, default="auto", help="default: cuda, else mps, else cpu")
+    evaluate.add_argument("--out", default="outputs/evaluate", help="output directory (default outputs/evaluate)")
     evaluate.add_argument("--json", help="metrics file (default OUT/metrics.json)")
-    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--seed", type=int, default=0, help="random seed for baselines, tie orders and bootstrap (default 0)")
     evaluate.add_argument("--skip", default="", help=f"comma-separated parts to skip: {', '.join(SKIPPABLE)}")
     evaluate.add_argument("--synthetic", action="store_true", help="the ground-truth localisation benchmark instead")
+    from explainkit.commands.model_source import add_spec_flags
+
+    add_spec_flags(evaluate, positive_int)
 
 
 def _factories(methods: list[str], layer: str | None):
@@ -52,6 +62,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
     unknown = skip - set(SKIPPABLE)
     if unknown:
         raise ExplainkitError(f"--skip: unknown part(s) {', '.join(sorted(unknown))}; choose from {', '.join(SKIPPABLE)}")
+    check_spec_flags(args)
+    if args.synthetic and args.model:
+        raise ExplainkitError("--synthetic trains its own small CNN; drop --model")
     device = select_device(args.device)
     if args.json:
         ensure_writable_dir(Path(args.json).parent or Path("."), "--json")
@@ -74,8 +87,11 @@ def run_evaluate(args: argparse.Namespace) -> int:
         results, _, _ = run.evaluate_synthetic(factories, seed=args.seed, backgrounds=backgrounds)
         columns = ["pointing_game", "energy_in_box"]
     else:
-        checkpoint = require_model_path(args.checkpoint, args.models_dir)
-        model = load_model(checkpoint, map_location=device)
+        if args.model:
+            source, model = args.model, load_spec_model(args, device)
+        else:
+            checkpoint = require_model_path(args.checkpoint, args.models_dir)
+            source, model = str(checkpoint), load_model(checkpoint, map_location=device)
         factories = _factories(methods, args.layer)
         layer_name = getattr(factories[methods[0]](model), "layer_name", args.layer)  # also validates --layer
         dataset = load_split("test", model_card(model), args.data_dir)
@@ -94,7 +110,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
             skip=skip,
         )
         results["meta"] = {
-            "model": str(checkpoint),
+            "model": source,
             "layer": layer_name,
             "images": len(images),
             "steps": args.steps,

@@ -7,13 +7,15 @@ import sys
 
 import torch
 
+from explainkit.commands.model_source import check_spec_flags, load_spec_model
 from explainkit.data import load_split
 from explainkit.device import select_device
 from explainkit.distributed import init_distributed
 from explainkit.errors import ExplainkitError
-from explainkit.explain import explain_dataset, explain_images
+from explainkit.explain import explain_dataset, explain_images, parse_figure_targets
 from explainkit.images import read_image
 from explainkit.io import ensure_writable_dir
+from explainkit.layers import default_layer_and_reason
 from explainkit.models import load_model, model_card, newest_model, require_model_path, resnet18_cifar
 from explainkit.registry import get_explainer, parse_methods, require_explainer
 from explainkit.training.first_model import train_first_model
@@ -21,20 +23,24 @@ from explainkit.training.first_model import train_first_model
 
 def run_explain(args: argparse.Namespace) -> int:
     # Everything that can be wrong is checked before anything is written.
+    check_spec_flags(args)
     methods = parse_methods(args.methods)
     for name in methods:
         require_explainer(name)
+    parse_figure_targets(args.targets)
     device = select_device(args.device)
     ctx = init_distributed(device.type)  # under torchrun: one rank per process, NCCL on CUDA, else gloo
     if ctx.enabled and device.type == "cuda":
         device = torch.device("cuda", ctx.local_rank)
-    if ctx.enabled and not (args.checkpoint or newest_model(args.models_dir)):
+    if ctx.enabled and not (args.model or args.checkpoint or newest_model(args.models_dir)):
         raise ExplainkitError("under torchrun, explain needs a model: pass --checkpoint PATH or train one first")
     if args.resume and not args.save_maps:
         raise ExplainkitError("--resume continues a --save-maps run; add --save-maps")
     if ctx.enabled and args.image:
         raise ExplainkitError("--image runs in one process; drop torchrun")
-    if args.checkpoint or args.no_train or newest_model(args.models_dir) is not None:
+    if args.model:
+        checkpoint = None
+    elif args.checkpoint or args.no_train or newest_model(args.models_dir) is not None:
         checkpoint = require_model_path(args.checkpoint, args.models_dir)
     else:  # a fresh machine: check what can be checked, then train a model to explain
         for name in methods:
@@ -44,8 +50,11 @@ def run_explain(args: argparse.Namespace) -> int:
                 read_image(path, (32, 32))
         ensure_writable_dir(args.out)
         checkpoint = train_first_model(device, args.models_dir, args.data_dir)
-    model = load_model(checkpoint, map_location=device)
+    model = load_spec_model(args, device) if checkpoint is None else load_model(checkpoint, map_location=device)
     card = model_card(model)
+    if args.layer is None:
+        layer, why = default_layer_and_reason(model)
+        print(f"explainkit: explaining at layer {layer}: {why} (--layer to choose another)", file=sys.stderr)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     explainers = {name: get_explainer(name, model, layer=args.layer) for name in methods}
@@ -53,13 +62,17 @@ def run_explain(args: argparse.Namespace) -> int:
         for explainer in explainers.values():
             if hasattr(explainer, "autocast"):  # our gradient CAMs: model in bf16, CAM maths in float32
                 explainer.autocast = torch.bfloat16
-    meta = {"model": str(checkpoint), "architecture": card.architecture, "device": str(device)}
+    meta = {"model": args.model or str(checkpoint), "architecture": card.architecture, "device": str(device)}
 
     if args.image:
-        images = torch.stack([torch.from_numpy(read_image(p, card.image_size)) for p in args.image])
+        images = torch.stack(
+            [torch.from_numpy(read_image(p, card.image_size, card.resize, card.interpolation)) for p in args.image]
+        )
         batch = card.normalize(images.permute(0, 3, 1, 2).float().div(255))
         out = ensure_writable_dir(args.out)
-        result = explain_images(model, card, explainers, batch, args.image, out, device, save_maps=args.save_maps, meta=meta)
+        result = explain_images(
+            model, card, explainers, batch, args.image, out, device, save_maps=args.save_maps, meta=meta, targets=args.targets
+        )
     else:
         dataset = load_split("test", card, args.data_dir)
         out = ensure_writable_dir(args.out)
@@ -77,6 +90,7 @@ def run_explain(args: argparse.Namespace) -> int:
             save_maps=args.save_maps,
             resume=args.resume,
             meta=meta,
+            targets=args.targets,
             ctx=ctx,
         )
         ctx.close()

@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from explainkit.explainers.base import Explainer, resolve_targets
+from explainkit.explainers.base import Explainer, class_sets, resolve_targets
+from explainkit.outputs import logits_of
 
 BASELINES = ("random", "random-pixel", "center")
 BASELINE_PREFIX = "baseline:"  # their key in results, apart from any registered method's name
@@ -32,7 +33,7 @@ class _Baseline(Explainer):
         handle = self.layer.register_forward_hook(record)
         try:
             with torch.no_grad():
-                logits = self.model(images)
+                logits = logits_of(self.model(images))
         finally:
             handle.remove()
         return logits, shape["hw"]
@@ -40,8 +41,9 @@ class _Baseline(Explainer):
     def _random(self, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
         return torch.rand(shape, generator=self.generator).to(device)
 
-    def _expand(self, maps: torch.Tensor, resolved, k: int) -> torch.Tensor:
-        return maps[:, None].expand(-1, k, *maps.shape[1:]) if isinstance(resolved, str) else maps
+    def _expand(self, maps: torch.Tensor, resolved, logits: torch.Tensor) -> torch.Tensor:
+        classes = class_sets(resolved, logits)
+        return maps if classes is None else maps[:, None].expand(-1, classes.shape[1], *maps.shape[1:])
 
 
 class RandomMap(_Baseline):
@@ -53,10 +55,11 @@ class RandomMap(_Baseline):
     def compute(self, images, targets):
         logits, layer_hw = self._forward(images)
         resolved = resolve_targets(targets, logits)
-        k = logits.shape[1] if isinstance(resolved, str) else 1
+        classes = class_sets(resolved, logits)
+        k = 1 if classes is None else classes.shape[1]
         hw = tuple(images.shape[-2:]) if self.per_pixel else layer_hw
         maps = self._random((len(images), k, *hw), images.device)
-        return (maps if isinstance(resolved, str) else maps[:, 0]), logits, resolved
+        return (maps[:, 0] if classes is None else maps), logits, resolved
 
 
 class RandomPixelMap(RandomMap):
@@ -74,7 +77,7 @@ class CenterMap(_Baseline):
         ys = torch.linspace(-1, 1, h, device=images.device).view(h, 1)
         xs = torch.linspace(-1, 1, w, device=images.device).view(1, w)
         gaussian = torch.exp(-(ys**2 + xs**2) / (2 * 0.5**2))
-        return self._expand(gaussian.expand(len(images), h, w), resolved, logits.shape[1]), logits, resolved
+        return self._expand(gaussian.expand(len(images), h, w), resolved, logits), logits, resolved
 
 
 def make_baseline(name: str, model: nn.Module, layer=None, seed: int = 0) -> Explainer:

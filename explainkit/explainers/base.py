@@ -22,8 +22,9 @@ import torch.nn.functional as F
 from explainkit.errors import ExplainkitError
 from explainkit.layers import resolve_layer
 
-Targets = Union[None, int, str, Sequence[int], torch.Tensor]
+Targets = Union[None, int, str, Sequence[int], torch.Tensor, tuple[str, int]]
 ALL = "all"
+TOPK = "topk"
 
 
 class ExplainerFn(Protocol):
@@ -40,10 +41,10 @@ class ExplainerFn(Protocol):
 class Explanation:
     """What one explainer call produced.
 
-    maps: float32 on the images' device, ``(N, H, W)`` for single targets or ``(N, K, H, W)``
-        for ``targets="all"``.
+    maps: float32 on the images' device, ``(N, H, W)`` for single targets, ``(N, K, H, W)``
+        for ``targets="all"`` and ``(N, k, H, W)`` for top-k.
     logits: the model's ``(N, K)`` output for the images.
-    targets: the ``(N,)`` class indices explained, or ``None`` for ``"all"``.
+    targets: the class indices explained: ``(N,)``, ``(N, k)`` for top-k, ``None`` for ``"all"``.
     """
 
     maps: torch.Tensor
@@ -85,20 +86,42 @@ def evaluation_mode(model: nn.Module) -> Iterator[None]:
                     module.training = training
 
 
-def resolve_targets(targets: Targets, logits: torch.Tensor) -> torch.Tensor | str:
-    """Turn the user's ``targets`` into an ``(N,)`` long tensor on the logits' device, or ``"all"``.
+def parse_topk(targets: object) -> int | None:
+    """``k`` for a top-k request (``("topk", k)`` or ``"topk:k"``), else ``None``."""
+    if isinstance(targets, tuple) and len(targets) == 2 and targets[0] == TOPK:
+        k = targets[1]
+    elif isinstance(targets, str) and targets.startswith(TOPK + ":"):
+        k = targets.split(":", 1)[1]
+    else:
+        return None
+    try:
+        value = int(k)
+    except (TypeError, ValueError):
+        raise ExplainkitError(f"top-k targets need an integer k, e.g. ('topk', 5) or 'topk:5'; got {targets!r}") from None
+    if value < 1:
+        raise ExplainkitError(f"top-k targets need k >= 1, got {value}")
+    return value
 
-    ``None`` means each image's predicted class. A target list must have one entry per image
-    (a short list is an error, never a silently truncated batch).
+
+def resolve_targets(targets: Targets, logits: torch.Tensor) -> torch.Tensor | str:
+    """Turn the user's ``targets`` into class indices on the logits' device.
+
+    Returns ``"all"``, an ``(N,)`` long tensor (one class per image) or, for top-k
+    (``("topk", k)`` / ``"topk:k"``), an ``(N, k)`` long tensor of each image's ``k`` most
+    probable classes, most probable first. ``None`` means each image's predicted class. A target
+    list must have one entry per image (a short list is an error, never a silently truncated batch).
     """
     n, num_classes = logits.shape
     if isinstance(targets, torch.Tensor) and targets.is_inference():
         targets = targets.clone()  # made under inference_mode: unusable where autograd records
     if targets is None:
         return logits.argmax(dim=1)
+    k = parse_topk(targets)
+    if k is not None:
+        return logits.topk(min(k, num_classes), dim=1).indices
     if isinstance(targets, str):
         if targets != ALL:
-            raise ExplainkitError(f"targets must be None, an int, a sequence of ints or 'all', not {targets!r}")
+            raise ExplainkitError(f"targets must be None, an int, a sequence of ints, 'all' or 'topk:K', not {targets!r}")
         return ALL
     if isinstance(targets, bool):
         raise ExplainkitError("targets must be class indices, not a bool")
@@ -117,6 +140,14 @@ def resolve_targets(targets: Targets, logits: torch.Tensor) -> torch.Tensor | st
     if int(low) < 0 or int(high) >= num_classes:
         raise ExplainkitError(f"target classes must lie in [0, {num_classes - 1}], got {int(low)}..{int(high)}")
     return tensor
+
+
+def class_sets(resolved: torch.Tensor | str, logits: torch.Tensor) -> torch.Tensor | None:
+    """``(N, J)``: the classes each image is explained for when there are several (``"all"``:
+    every class, top-k: its ``k``); ``None`` for one target per image."""
+    if isinstance(resolved, str):
+        return torch.arange(logits.shape[1], device=logits.device).expand(logits.shape[0], -1)
+    return resolved if resolved.ndim == 2 else None
 
 
 def normalize_maps(maps: torch.Tensor) -> torch.Tensor:
@@ -184,7 +215,8 @@ class Explainer(ABC):
         layer: dotted submodule path or module; ``None`` = :func:`explainkit.layers.default_layer`.
 
     ``targets`` is ``None`` (each image's predicted class), an ``int``, a sequence or tensor of
-    ``N`` ints, or ``"all"`` (every class, maps shaped ``(N, K, H, W)``).
+    ``N`` ints, ``"all"`` (every class, maps shaped ``(N, K, H, W)``) or ``("topk", k)`` /
+    ``"topk:k"`` (each image's ``k`` most probable classes, ``(N, k, H, W)``).
     """
 
     #: human-readable name for titles and tables; subclasses override.
@@ -211,9 +243,9 @@ class Explainer(ABC):
     def compute(self, images: torch.Tensor, targets: Targets) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | str]:
         """Return ``(raw_maps, logits, resolved_targets)`` for a batch, the model already in eval mode.
 
-        ``raw_maps`` is ``(N, h, w)`` (or ``(N, K, h, w)`` for ``"all"``) at any resolution; the
-        base applies ReLU, upsampling and scaling. ``resolved_targets`` comes from
-        :func:`resolve_targets`.
+        ``raw_maps`` is ``(N, h, w)`` for one target per image, or ``(N, J, h, w)`` where
+        :func:`class_sets` gives ``(N, J)`` classes (``"all"``, top-k), at any resolution; the base
+        applies ReLU, upsampling and scaling. ``resolved_targets`` comes from :func:`resolve_targets`.
         """
 
     def __repr__(self) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from explainkit.errors import ExplainkitError
-from explainkit.explainers.base import Explainer, Targets, resolve_targets
+from explainkit.explainers.base import Explainer, Targets, class_sets, resolve_targets
 from explainkit.outputs import logits_of
 
 
@@ -14,7 +14,7 @@ class CaptumGradCAM(Explainer):
 
     Same formula as :class:`~explainkit.explainers.gradient.GradCAM`; offered for users who
     standardise on Captum and as an independent reference. Captum takes one target per call,
-    so ``targets="all"`` costs K backward passes, and predicted-class targets one extra forward.
+    so ``targets="all"`` costs K backward passes (top-k: k), and predicted-class targets one extra forward.
     """
 
     name = "captum-gradcam"
@@ -38,6 +38,7 @@ class CaptumGradCAM(Explainer):
                 )
             return maps[:, 0].detach()
 
-        if isinstance(resolved, str):  # ALL
-            return torch.stack([attribute(k) for k in range(logits.shape[1])], dim=1), logits, resolved
+        classes = class_sets(resolved, logits)
+        if classes is not None:  # "all" or top-k: one Captum call per column
+            return torch.stack([attribute(column) for column in classes.T], dim=1), logits, resolved
         return attribute(resolved), logits, resolved

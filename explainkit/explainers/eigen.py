@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from explainkit.explainers.base import Explainer, Targets, resolve_targets
+from explainkit.explainers.base import Explainer, Targets, class_sets, resolve_targets
 from explainkit.explainers.gradient import forward_with_activations
 from explainkit.layouts import Layout, resolve_layout
 
@@ -47,6 +47,7 @@ class EigenCAM(Explainer):
         flip = extremes.amin(dim=1).abs() > extremes.amax(dim=1).abs()
         projection = torch.where(flip[:, None, None], -projection, projection)
         resolved = resolve_targets(targets, logits)
-        if isinstance(resolved, str):  # ALL: class-agnostic, the same map for every class
-            return projection[:, None].expand(-1, logits.shape[1], -1, -1), logits, resolved
+        classes = class_sets(resolved, logits)
+        if classes is not None:  # "all" or top-k: class-agnostic, the same map for every class
+            return projection[:, None].expand(-1, classes.shape[1], -1, -1), logits, resolved
         return projection, logits, resolved

@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from explainkit.errors import ExplainkitError
-from explainkit.explainers.base import ALL, Explainer, Targets, resolve_targets
+from explainkit.explainers.base import ALL, Explainer, Targets, class_sets, resolve_targets
 from explainkit.layouts import Layout, resolve_layout
 from explainkit.outputs import logits_of
 
@@ -102,6 +102,9 @@ class GradientCAM(Explainer):
         layout: how the layer's output maps to ``(N, C, h, w)``
             (:class:`~explainkit.layouts.Layout`); default: read off the model or inferred, so
             ViT token sequences and Swin's channels-last stages work without a reshape function.
+        class_chunk: classes per batched backward for ``"all"`` and top-k: the gradients held at
+            once are ``class_chunk x N x`` the layer's output, so a 1000-class model's
+            ``targets="all"`` runs in bounded memory (16 backwards of 64 classes).
     """
 
     def __init__(
@@ -111,10 +114,14 @@ class GradientCAM(Explainer):
         *,
         autocast: torch.dtype | None = None,
         layout: Layout | None = None,
+        class_chunk: int = 64,
     ):
         super().__init__(model, layer)
+        if class_chunk < 1:
+            raise ExplainkitError(f"class_chunk must be at least 1, got {class_chunk}")
         self.autocast = autocast
         self.layout = layout
+        self.class_chunk = class_chunk
 
     def channel_weights(self, activations: torch.Tensor, gradients: torch.Tensor) -> torch.Tensor:
         """Return ``(..., N, C)`` weights from ``activations (N, C, h, w)`` and ``gradients (..., N, C, h, w)``."""
@@ -143,27 +150,38 @@ class GradientCAM(Explainer):
         activations = layout.to_channels_first(leaf.detach().float())  # (N, C, h, w), prefix tokens dropped
         resolved = resolve_targets(targets, logits)
         num_classes = logits.shape[1]
-        if isinstance(resolved, str):  # ALL: one batched backward over the class dimension
-            grad_outputs = torch.eye(num_classes, device=logits.device, dtype=logits.dtype)
-            grad_outputs = grad_outputs[:, None, :].expand(num_classes, *logits.shape)
-            gradients = layout.to_channels_first(_batched_gradients(logits, leaf, grad_outputs).float())  # (K, N, C, h, w)
-            cams = self._cam(activations, gradients).transpose(0, 1)  # (K, N, h, w) -> (N, K, h, w)
-        else:
-            grad_outputs = F.one_hot(resolved, num_classes).to(logits.dtype)
+        classes = class_sets(resolved, logits)  # (N, J) for "all" and top-k
+        if classes is None:
+            grad_outputs = F.one_hot(resolved, num_classes).to(logits.dtype)  # type: ignore[arg-type]
             (gradients,) = torch.autograd.grad(logits, leaf, grad_outputs)
-            cams = self._cam(activations, layout.to_channels_first(gradients.float()))  # (N, h, w)
-        return cams, logits, resolved
+            return self._cam(activations, layout.to_channels_first(gradients.float())), logits, resolved  # (N, h, w)
+        # Several classes per image: batched backwards over the class dimension, class_chunk
+        # classes at a time so 1000-class models stay within bounded memory.
+        cams = []
+        columns = classes.shape[1]
+        for start in range(0, columns, self.class_chunk):
+            chunk = classes[:, start : start + self.class_chunk].T  # (J', N)
+            grad_outputs = F.one_hot(chunk, num_classes).to(logits.dtype)  # (J', N, K)
+            last = start + self.class_chunk >= columns
+            gradients = _batched_gradients(logits, leaf, grad_outputs, retain_graph=not last)
+            cams.append(self._cam(activations, layout.to_channels_first(gradients.float())))  # (J', N, h, w)
+        return torch.cat(cams).transpose(0, 1), logits, resolved  # (N, J, h, w)
 
 
-def _batched_gradients(logits: torch.Tensor, activations: torch.Tensor, grad_outputs: torch.Tensor) -> torch.Tensor:
+def _batched_gradients(
+    logits: torch.Tensor, activations: torch.Tensor, grad_outputs: torch.Tensor, retain_graph: bool = False
+) -> torch.Tensor:
     try:
-        (gradients,) = torch.autograd.grad(logits, activations, grad_outputs, is_grads_batched=True)
+        (gradients,) = torch.autograd.grad(logits, activations, grad_outputs, is_grads_batched=True, retain_graph=retain_graph)
         return gradients
     except RuntimeError as exc:  # an op without a batching rule: fall back to one backward per class
         warnings.warn(f"batched gradients unavailable ({exc}); computing classes one by one", RuntimeWarning, stacklevel=3)
         last = grad_outputs.shape[0] - 1
         return torch.stack(
-            [torch.autograd.grad(logits, activations, g, retain_graph=k < last)[0] for k, g in enumerate(grad_outputs)]
+            [
+                torch.autograd.grad(logits, activations, g, retain_graph=retain_graph or k < last)[0]
+                for k, g in enumerate(grad_outputs)
+            ]
         )
 
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from explainkit.errors import ExplainkitError
-from explainkit.explainers.base import Explainer, Targets, resolve_targets
+from explainkit.explainers.base import Explainer, Targets, class_sets, resolve_targets
 from explainkit.explainers.gradient import forward_with_activations
 from explainkit.layouts import Layout, resolve_layout
 
@@ -96,7 +96,9 @@ class PerturbationCAM(Explainer):
             resolved = resolve_targets(targets, logits)
             scores = self.channel_scores(LayerPass(images, logits, output, layout, activations, above))
             weights = self.weights_from_scores(scores, logits.float())  # (N, C, K)
-        if isinstance(resolved, str):  # ALL: every class from the same perturbed forwards
-            return torch.einsum("nck,nchw->nkhw", weights, activations), logits, resolved
-        chosen = weights.gather(2, resolved.view(-1, 1, 1).expand(-1, weights.shape[1], 1)).squeeze(2)  # (N, C)
-        return torch.einsum("nc,nchw->nhw", chosen, activations), logits, resolved
+        classes = class_sets(resolved, logits)  # every class or top-k: all from the same perturbed forwards
+        if classes is None:
+            chosen = weights.gather(2, resolved.view(-1, 1, 1).expand(-1, weights.shape[1], 1)).squeeze(2)  # type: ignore[union-attr]
+            return torch.einsum("nc,nchw->nhw", chosen, activations), logits, resolved
+        chosen = weights.gather(2, classes[:, None, :].expand(-1, weights.shape[1], -1))  # (N, C, J)
+        return torch.einsum("ncj,nchw->njhw", chosen, activations), logits, resolved

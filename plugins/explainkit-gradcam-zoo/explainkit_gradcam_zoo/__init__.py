@@ -18,7 +18,8 @@ from pytorch_grad_cam import (
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 import explainkit
-from explainkit.explainers.base import Explainer, resolve_targets
+from explainkit.explainers.base import Explainer, class_sets, resolve_targets
+from explainkit.outputs import logits_of
 
 # Methods explainkit has natively keep pytorch-grad-cam's version under a "pgc-" name (a reference
 # to compare against, and no clash); the others keep their plain names until explainkit has them.
@@ -44,15 +45,16 @@ class PytorchGradCamExplainer(Explainer):
 
     def compute(self, images: torch.Tensor, targets):
         with torch.no_grad():
-            logits = self.model(images)
+            logits = logits_of(self.model(images))
         resolved = resolve_targets(targets, logits)
         saved_grads = [(p, p.grad) for p in self.model.parameters()]
         try:
             with torch.enable_grad(), self.method_class(model=self.model, target_layers=[self.layer]) as cam:
-                if isinstance(resolved, str):  # "all": pytorch-grad-cam takes one target per image per call
+                classes = class_sets(resolved, logits)
+                if classes is not None:  # "all", top-k: pytorch-grad-cam takes one target per image per call
                     per_class = [
-                        cam(input_tensor=images, targets=[ClassifierOutputTarget(k)] * len(images))
-                        for k in range(logits.shape[1])
+                        cam(input_tensor=images, targets=[ClassifierOutputTarget(int(k)) for k in column])
+                        for column in classes.T.tolist()
                     ]
                     maps = torch.stack([torch.from_numpy(m) for m in per_class], dim=1)
                 else:
