@@ -142,6 +142,8 @@ def _load_state(model: nn.Module, state: dict[str, torch.Tensor], spec: ModelSpe
     except RuntimeError as error:
         lines = [line.strip() for line in str(error).splitlines() if line.strip()]
         detail = lines[1] if len(lines) > 1 else _first_line(error)
+        if len(detail) > 240:
+            detail = detail[:240].rsplit(",", 1)[0] + ", ..."
         raise CheckpointError(f"weights {path} do not fit {spec}: {detail}") from None
 
 

@@ -280,7 +280,7 @@ def test_python_dash_m_bad_input_has_no_traceback(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 
-COMMANDS = ["explain", "train", "lr-find", "evaluate", "methods", "plugins"]
+COMMANDS = ["explain", "train", "lr-find", "evaluate", "layers", "methods", "plugins"]
 
 
 @pytest.mark.parametrize("command", [None, *COMMANDS])
@@ -292,8 +292,8 @@ def test_help_works_for_the_program_and_every_command(command):
 
 def test_abbreviated_flags_are_rejected_not_guessed(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        main(["explain", "--model", "x"])  # would have been taken as --models-dir
-    assert exit_info.value.code == 2 and "unrecognized arguments: --model x" in capsys.readouterr().err
+        main(["explain", "--models", "x"])  # would have been taken as --models-dir
+    assert exit_info.value.code == 2 and "unrecognized arguments: --models x" in capsys.readouterr().err
 
 
 def _subparsers():

@@ -37,10 +37,65 @@ def tiny_swin() -> nn.Module:
     return model.eval()
 
 
-def _vit_reshape(tensor: torch.Tensor) -> torch.Tensor:  # pytorch-grad-cam's documented ViT recipe
-    patches = tensor[:, 1:, :]
-    side = int(patches.shape[1] ** 0.5)
-    return patches.reshape(tensor.shape[0], side, side, tensor.shape[2]).permute(0, 3, 1, 2)
+def tiny_deit() -> nn.Module:
+    """timm's distilled DeiT: two prefix tokens (class and distillation) before the patches."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model(
+        "deit_tiny_distilled_patch16_224",
+        pretrained=False,
+        img_size=32,
+        patch_size=8,
+        depth=2,
+        embed_dim=32,
+        num_heads=2,
+        num_classes=10,
+    )
+    assert model.num_prefix_tokens == 2
+    nn.init.normal_(model.head.weight, std=0.5)
+    nn.init.normal_(model.head_dist.weight, std=0.5)
+    return model.eval()
+
+
+def tiny_hf_vit() -> nn.Module:
+    """A Hugging Face ViTForImageClassification: its forward returns an object with ``.logits``."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.ViTConfig(
+        image_size=32,
+        patch_size=8,
+        num_hidden_layers=2,
+        hidden_size=32,
+        num_attention_heads=2,
+        intermediate_size=64,
+        num_labels=10,
+    )
+    model = transformers.ViTForImageClassification(config)
+    nn.init.normal_(model.classifier.weight, std=0.5)
+    return model.eval()
+
+
+class HFLogits(nn.Module):
+    """pytorch-grad-cam needs a tensor output: the documented wrapper for Hugging Face models."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x).logits
+
+
+def _prefix_reshape(prefix: int):
+    def reshape(tensor: torch.Tensor) -> torch.Tensor:  # pytorch-grad-cam's documented ViT recipe
+        patches = tensor[:, prefix:, :]
+        side = int(patches.shape[1] ** 0.5)
+        return patches.reshape(tensor.shape[0], side, side, tensor.shape[2]).permute(0, 3, 1, 2)
+
+    return reshape
+
+
+_vit_reshape = _prefix_reshape(1)
 
 
 def _swin_reshape(tensor: torch.Tensor) -> torch.Tensor:
@@ -50,7 +105,15 @@ def _swin_reshape(tensor: torch.Tensor) -> torch.Tensor:
 CASES = {
     "vit": (tiny_vit, "encoder.layers.encoder_layer_1.ln_1", _vit_reshape, 32),
     "swin": (tiny_swin, "features", _swin_reshape, 64),
+    "timm-deit": (tiny_deit, "blocks.1.norm1", _prefix_reshape(2), 32),
+    "hf-vit": (tiny_hf_vit, None, _vit_reshape, 32),
 }
+
+
+def _pgc_model_and_layer(model: nn.Module, layer: str) -> tuple[nn.Module, nn.Module]:
+    if hasattr(model, "config"):  # Hugging Face: pytorch-grad-cam needs tensor outputs
+        return HFLogits(model), model.get_submodule(layer)
+    return model, model.get_submodule(layer)
 
 
 @pytest.mark.parametrize(
@@ -61,8 +124,10 @@ def test_parity_with_pytorch_grad_cam_and_its_reshape_transform(family, ours_cla
     build, layer, reshape, size = CASES[family]
     model = build()
     images = torch.randn(4, 3, size, size)
-    ours = ours_class(model, layer).explain(images)
-    with pgc_class(model=model, target_layers=[model.get_submodule(layer)], reshape_transform=reshape) as cam:
+    explainer = ours_class(model, layer)  # layer None: the model's default layer
+    ours = explainer.explain(images)
+    peer_model, peer_layer = _pgc_model_and_layer(model, explainer.layer_name)
+    with pgc_class(model=peer_model, target_layers=[peer_layer], reshape_transform=reshape) as cam:
         reference = torch.from_numpy(cam(input_tensor=images, targets=[ClassifierOutputTarget(int(t)) for t in ours.targets]))
     informative = reference.flatten(1).std(1) > 1e-4
     assert informative.sum() >= 2

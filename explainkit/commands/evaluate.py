@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from explainkit.commands.model_source import check_spec_flags, load_spec_model
+from explainkit.commands.model_source import announce, check_spec_flags, load_spec_model
 from explainkit.data import data_dir_from_env, dataset_size, load_split
 from explainkit.device import select_device
 from explainkit.errors import ExplainkitError
@@ -96,6 +96,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         layer_name = getattr(factories[methods[0]](model), "layer_name", args.layer)  # also validates --layer
         dataset = load_split("test", model_card(model), args.data_dir)
         out = ensure_writable_dir(args.out)
+        announce(model, args.layer)
         picks = torch.linspace(0, dataset_size(dataset) - 1, min(args.limit, dataset_size(dataset))).long().tolist()
         images = torch.stack([dataset[i][0] for i in picks]).to(device)
         results, curves = run.evaluate_faithfulness(

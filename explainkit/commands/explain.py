@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-from explainkit.commands.model_source import check_spec_flags, load_spec_model
+from explainkit.commands.model_source import announce, check_spec_flags, load_spec_model
 from explainkit.data import load_split
 from explainkit.device import select_device
 from explainkit.distributed import init_distributed
@@ -15,7 +15,6 @@ from explainkit.errors import ExplainkitError
 from explainkit.explain import explain_dataset, explain_images, parse_figure_targets
 from explainkit.images import read_image
 from explainkit.io import ensure_writable_dir
-from explainkit.layers import default_layer_and_reason
 from explainkit.models import load_model, model_card, newest_model, require_model_path, resnet18_cifar
 from explainkit.registry import get_explainer, parse_methods, require_explainer
 from explainkit.training.first_model import train_first_model
@@ -52,9 +51,6 @@ def run_explain(args: argparse.Namespace) -> int:
         checkpoint = train_first_model(device, args.models_dir, args.data_dir)
     model = load_spec_model(args, device) if checkpoint is None else load_model(checkpoint, map_location=device)
     card = model_card(model)
-    if args.layer is None:
-        layer, why = default_layer_and_reason(model)
-        print(f"explainkit: explaining at layer {layer}: {why} (--layer to choose another)", file=sys.stderr)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     explainers = {name: get_explainer(name, model, layer=args.layer) for name in methods}
@@ -70,12 +66,15 @@ def run_explain(args: argparse.Namespace) -> int:
         )
         batch = card.normalize(images.permute(0, 3, 1, 2).float().div(255))
         out = ensure_writable_dir(args.out)
+        announce(model, args.layer)
         result = explain_images(
             model, card, explainers, batch, args.image, out, device, save_maps=args.save_maps, meta=meta, targets=args.targets
         )
     else:
         dataset = load_split("test", card, args.data_dir)
         out = ensure_writable_dir(args.out)
+        if ctx.is_main:
+            announce(model, args.layer)
         result = explain_dataset(
             model,
             card,

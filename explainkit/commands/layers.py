@@ -76,13 +76,14 @@ def run_layers(args: argparse.Namespace) -> int:
     else:
         model = load_model(require_model_path(args.checkpoint, args.models_dir), map_location=device)
     card = model_card(model)
+    print(f"{card.architecture}: {card.num_classes} classes; input {'x'.join(map(str, card.input_size))}")
     rows = layer_table(model, torch.zeros(1, *card.input_size), everything=args.all)
     if not rows:
         raise ExplainkitError(f"{card.architecture} has no submodules to list")
     default, why = default_layer_and_reason(model)
     name_width = max(len(row["name"]) for row in rows)
     shape_width = max(len(row["shape"]) for row in rows)
-    print(f"{'layer':<{name_width + 2}}{'output':<{shape_width + 2}}reading")
+    print(f"\n{'layer':<{name_width + 2}}{'output':<{shape_width + 2}}reading")
     for row in rows:
         mark = "*" if row["default"] else " "
         print(f"{mark} {row['name']:<{name_width}}  {row['shape']:<{shape_width}}  {row['reading']}")

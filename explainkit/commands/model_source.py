@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 
 from explainkit.errors import ExplainkitError
+from explainkit.layers import default_layer_and_reason
 from explainkit.models import model_card
 
 
@@ -55,7 +56,7 @@ def check_spec_flags(args: argparse.Namespace) -> None:
 
 
 def load_spec_model(args: argparse.Namespace, device: torch.device) -> nn.Module:
-    """The ``--model`` classifier with its card, on ``device``; says on stderr what it read."""
+    """The ``--model`` classifier with its card, on ``device``."""
     from explainkit.model_specs import load_spec
 
     model = load_spec(
@@ -67,9 +68,14 @@ def load_spec_model(args: argparse.Namespace, device: torch.device) -> nn.Module
         std=args.std,
         map_location=device,
     )
-    card = model_card(model)
-    print(
-        f"explainkit: {card.architecture}: {card.num_classes} classes; preprocessing: {card.describe_preprocessing()}",
-        file=sys.stderr,
-    )
     return model
+
+
+def announce(model: nn.Module, layer: str | None) -> None:
+    """Say on stderr what will run: the model's classes and preprocessing, and the layer and why
+    (called once the flags are validated, so a bad flag still fails on one line)."""
+    card = model_card(model)
+    print(f"explainkit: {card.architecture}: {card.num_classes} classes; {card.describe_preprocessing()}", file=sys.stderr)
+    if layer is None:
+        chosen, why = default_layer_and_reason(model)
+        print(f"explainkit: layer {chosen}: {why} (--layer to choose another)", file=sys.stderr)
