@@ -15,7 +15,7 @@ Where each piece comes from, first match wins:
   ``class_0, class_1, ...``;
 * preprocessing: explicit ``image_size``/``mean``/``std``, then a model card beside the weights,
   then the library's (torchvision weight transforms, timm's data config, the Hugging Face image
-  processor saved with the model), then 224x224 with ImageNet statistics.
+  processor saved with the model, else its config's image size), then 224x224 with ImageNet statistics.
 """
 
 from __future__ import annotations
@@ -259,6 +259,9 @@ def _hf(spec: ModelSpec, weights: str | None) -> tuple[nn.Module, list[str] | No
             preprocessing = _hf_preprocessing(processor)
         except Exception as error:  # an unusual processor: say so, use the defaults
             warnings.warn(f"cannot read the image processor in {directory} ({_first_line(error)})", RuntimeWarning, stacklevel=3)
+    size = getattr(model.config, "image_size", None)
+    if preprocessing is None and isinstance(size, int):  # no processor saved: at least the size the model was built for
+        preprocessing = Preprocessing((size, size), IMAGENET_MEAN, IMAGENET_STD)
     return model, classes, preprocessing
 
 

@@ -27,3 +27,15 @@ def logits_of(output: Any) -> torch.Tensor:
             "return a tensor, a tuple whose first element is the logits, a dict with 'logits', or an object with .logits"
         )
     return found
+
+
+class LogitsOnly(torch.nn.Module):
+    """``model`` with its forward reduced to the logits, for code that needs a plain tensor output
+    (pytorch-grad-cam's ROAD metric, say). The model is a submodule: parameters are shared."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return logits_of(self.model(images))

@@ -154,3 +154,28 @@ def test_wrong_specs_are_one_line_exit_2_and_nothing_written(capsys, tmp_path, o
 def test_data_whose_classes_the_model_does_not_have(capsys, tmp_path, tiny_folder):
     code, out, err = _explain(capsys, tmp_path, "--model", "torchvision:resnet18", "--data-dir", str(tiny_folder))
     _assert_clean_failure(code, err, out, "are not classes of the model")
+
+
+def test_evaluate_a_hugging_face_model_whose_forward_returns_an_object(capsys, tmp_path):
+    """Every metric (ROAD through pytorch-grad-cam included) reads the logits out of ``.logits``."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.ViTConfig(
+        image_size=32, patch_size=8, num_hidden_layers=1, hidden_size=16, num_attention_heads=2, intermediate_size=32,
+        num_labels=2, id2label={0: "cat", 1: "dog"}, label2id={"cat": 0, "dog": 1},
+    )  # fmt: skip
+    transformers.ViTForImageClassification(config).save_pretrained(tmp_path / "vit")
+    rng = np.random.default_rng(0)
+    for name in ("cat", "dog"):
+        (tmp_path / "data" / "test" / name).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(tmp_path / "data" / "test" / name / f"{i}.png")
+    code = main(
+        ["evaluate", "--model", f"hf:{tmp_path / 'vit'}", "--data-dir", str(tmp_path / "data"), "--methods", "gradcam",
+         "--limit", "6", "--steps", "4", "--skip", "sanity", "--out", str(tmp_path / "eval")]
+    )  # fmt: skip
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["meta"]["model"].startswith("hf:") and 0 <= metrics["gradcam"]["deletion_auc"] <= 1
+    assert "road_morf" in metrics["gradcam"]

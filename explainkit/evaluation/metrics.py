@@ -16,6 +16,7 @@ import torch.nn as nn
 import torchvision.transforms.functional as TF
 
 from explainkit.card import ModelCard
+from explainkit.outputs import LogitsOnly, logits_of
 
 BLUR_KERNEL, BLUR_SIGMA = 11, 5.0
 ROAD_PERCENTILES = (10, 20, 30, 40, 50, 60, 70, 80, 90)
@@ -36,7 +37,7 @@ def _probabilities(model: nn.Module, images: torch.Tensor, targets: torch.Tensor
     out = []
     with torch.inference_mode():
         for start in range(0, len(images), batch_size):
-            logits = model(images[start : start + batch_size]).float()
+            logits = logits_of(model(images[start : start + batch_size])).float()
             out.append(logits.softmax(1).gather(1, targets[start : start + batch_size, None])[:, 0])
     return torch.cat(out)
 
@@ -110,8 +111,9 @@ def road(model: nn.Module, images: torch.Tensor, maps: torch.Tensor, targets: to
     wanted = [ClassifierOutputSoftmaxTarget(int(t)) for t in targets.tolist()]
     cams = maps.detach().cpu().numpy().astype(np.float32)
     with torch.no_grad():
-        morf = ROADMostRelevantFirstAverage(list(ROAD_PERCENTILES))(images, cams, wanted, model)
-        lerf = ROADLeastRelevantFirstAverage(list(ROAD_PERCENTILES))(images, cams, wanted, model)
+        plain = LogitsOnly(model)  # pytorch-grad-cam needs a tensor output
+        morf = ROADMostRelevantFirstAverage(list(ROAD_PERCENTILES))(images, cams, wanted, plain)
+        lerf = ROADLeastRelevantFirstAverage(list(ROAD_PERCENTILES))(images, cams, wanted, plain)
     return torch.as_tensor(np.asarray(morf)).flatten(), torch.as_tensor(np.asarray(lerf)).flatten()
 
 

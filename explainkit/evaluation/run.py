@@ -16,6 +16,7 @@ from explainkit.errors import ExplainkitError
 from explainkit.evaluation import metrics, synthetic
 from explainkit.evaluation.baselines import BASELINE_PREFIX, BASELINES, make_baseline
 from explainkit.evaluation.sanity import cascading_randomization
+from explainkit.outputs import logits_of
 
 SCHEMA_VERSION = 1
 LOWER_IS_BETTER = {"deletion_auc", "average_drop", "road_morf"}
@@ -73,7 +74,7 @@ def evaluate_faithfulness(
     """
     model.eval()
     with torch.no_grad():  # not inference_mode: targets feed explainers that record autograd graphs
-        targets = torch.cat([model(images[s : s + batch_size]).argmax(1) for s in range(0, len(images), batch_size)])
+        targets = torch.cat([logits_of(model(images[s : s + batch_size])).argmax(1) for s in range(0, len(images), batch_size)])
     candidates: dict[str, Callable[[nn.Module], Callable]] = dict(factories)
     for name in baselines:  # a namespace of their own: a plugin method may be called "random" too
         candidates[BASELINE_PREFIX + name] = functools.partial(_baseline, name, layer=layer, seed=seed)
