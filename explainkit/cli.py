@@ -112,6 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_spec_flags(layers, _positive_int)
 
+    report = sub.add_parser("report", help="rebuild DIR/report.html from the explain, evaluate and train outputs in DIR")
+    report.add_argument("dir", metavar="DIR", help="an output folder of explain, evaluate or train")
+    report.add_argument("--out", help="where to write the page (default DIR/report.html)")
+
     methods = sub.add_parser("methods", help="list registered explainers and the plugin of each")
     methods.add_argument("--json", action="store_true", help="machine-readable output")
     sub.add_parser("plugins", help="list loaded plugins as JSON")
@@ -166,6 +170,13 @@ def _cmd_lr_find(args: argparse.Namespace) -> int:
     return run_lr_find(args)
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from explainkit.report import write_report
+
+    print(write_report(args.dir, args.out))
+    return 0
+
+
 def _cmd_layers(args: argparse.Namespace) -> int:
     from explainkit.commands.layers import run_layers
 
@@ -184,6 +195,7 @@ COMMANDS = {
     "lr-find": _cmd_lr_find,
     "explain": _cmd_explain,
     "layers": _cmd_layers,
+    "report": _cmd_report,
     "methods": _cmd_methods,
     "plugins": _cmd_plugins,
 }

@@ -141,6 +141,28 @@ def pick_samples(labels: torch.Tensor, count: int) -> list[int]:
     return chosen
 
 
+def pick_misclassified(predictions: torch.Tensor, labels: torch.Tensor, confidence: torch.Tensor, count: int) -> list[int]:
+    """Up to ``count`` wrong predictions spread over the true classes: one per class in turn
+    (classes ordered by their most confident mistake), each class's most confident first.
+
+    Why: a scan of a class-sorted ImageFolder puts every airplane first, so "the first N wrong"
+    would show N airplanes.
+    """
+    wrong = (predictions != labels).nonzero().flatten()
+    if count == 0 or len(wrong) == 0:
+        return []
+    order = wrong[confidence[wrong].argsort(descending=True, stable=True)]  # most confident first
+    queues: dict[int, list[int]] = {}
+    for index in order.tolist():
+        queues.setdefault(int(labels[index]), []).append(index)
+    chosen: list[int] = []
+    while len(chosen) < count and any(queues.values()):
+        for queue in queues.values():  # insertion order: by each class's most confident mistake
+            if queue and len(chosen) < count:
+                chosen.append(queue.pop(0))
+    return chosen
+
+
 def _forward(
     model: nn.Module, explainers: dict[str, Any] | None, images: torch.Tensor
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -267,7 +289,8 @@ def explain_dataset(
     targets: str = "auto",
 ) -> ExplainResult:
     """Scan ``dataset`` (``limit`` evenly spaced images, default all) and write ``per_class.png``,
-    ``misclassified.png``, ``methods.png`` (several methods), ``summary.json`` and, with
+    ``misclassified.png``, ``methods.png`` (several methods), ``confusion_matrix.png`` (up to 20
+    classes), ``summary.json``, ``report.html`` and, with
     ``save_maps``, every map into ``maps.zarr`` (:mod:`explainkit.maps_store`). The first method
     drives the per-class and misclassified grids.
 
@@ -323,7 +346,13 @@ def explain_dataset(
         if len(explainers) > 1:
             outputs.append(_methods_figure(_explain_all_methods(explainers, model, batch), batch, card, out, sample_labels))
 
-    wrong_indices = wrong[:misclassified].tolist()
+    if card.num_classes <= MAX_CLASSES_SHOWN and len(labels):
+        confusion = torch.zeros(card.num_classes, card.num_classes, dtype=torch.long)
+        confusion.index_put_((labels, predictions), torch.ones_like(labels), accumulate=True)
+        figure = visualize.confusion_figure(confusion, classes)
+        outputs.append(visualize.save_figure(figure, out / "confusion_matrix.png"))
+
+    wrong_indices = pick_misclassified(predictions, labels, scanned["probabilities"], misclassified)
     wrong_images, wrong_labels = _stack(dataset, wrong_indices)
     wrong_predicted = predictions[wrong_indices] if wrong_indices else torch.empty(0, dtype=torch.long)
     if wrong_indices:
@@ -364,9 +393,17 @@ def explain_dataset(
             "total_seconds": round(time.perf_counter() - started, 3),
         },
     )
-    summary["outputs"] = [p.name for p in outputs] + ["summary.json"]
+    return _finish(out, summary, outputs)
+
+
+def _finish(out: Path, summary: dict[str, Any], outputs: list[Path]) -> ExplainResult:
+    """Write ``summary.json`` and, from the folder, ``report.html``."""
+    from explainkit.report import REPORT_NAME, write_report
+
+    summary["outputs"] = [p.name for p in outputs] + ["summary.json", REPORT_NAME]
     write_json(out / "summary.json", summary)
-    return ExplainResult(summary, outputs + [out / "summary.json"])
+    report = write_report(out)
+    return ExplainResult(summary, outputs + [out / "summary.json", report])
 
 
 def _explain_all_methods(explainers: dict[str, Any], model: nn.Module, batch: torch.Tensor) -> dict[str, Explanation]:
@@ -448,6 +485,4 @@ def explain_images(
         ],
         timings={"total_seconds": round(time.perf_counter() - started, 3)},
     )
-    summary["outputs"] = [p.name for p in outputs] + ["summary.json"]
-    write_json(out / "summary.json", summary)
-    return ExplainResult(summary, outputs + [out / "summary.json"])
+    return _finish(out, summary, outputs)

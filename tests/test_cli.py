@@ -38,7 +38,7 @@ def test_explain_on_generated_data(capsys, base_args, tmp_path):
     code, out, err = _run(capsys, *base_args, "--method", "gradcam,gradcam++", "--samples", "2", "--misclassified", "3")
     assert code == 0, err
     written = sorted(p.name for p in (tmp_path / "out").iterdir())
-    assert written == ["methods.png", "misclassified.png", "per_class.png", "summary.json"]
+    assert written == ["confusion_matrix.png", "methods.png", "misclassified.png", "per_class.png", "report.html", "summary.json"]
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["images"] == 20 and summary["methods"] == ["gradcam", "gradcam++"]
 

@@ -11,7 +11,7 @@ import torch
 import explainkit
 from explainkit.card import ModelCard
 from explainkit.data import load_split
-from explainkit.explain import explain_dataset, explain_images, pick_samples, scan
+from explainkit.explain import explain_dataset, explain_images, pick_misclassified, pick_samples, scan
 from explainkit.maps_store import load_results
 
 
@@ -20,6 +20,16 @@ def test_pick_samples_prefers_distinct_classes():
     assert pick_samples(labels, 3) == [0, 2, 4]
     assert pick_samples(labels, 4) == [0, 2, 4, 1]
     assert pick_samples(labels, 0) == []
+
+
+def test_misclassified_are_spread_over_true_classes_most_confident_first():
+    labels = torch.tensor([0, 0, 0, 0, 1, 1, 2, 2, 2])
+    predictions = torch.tensor([1, 1, 1, 0, 0, 0, 0, 2, 1])  # wrong: 0, 1, 2 (class 0), 4, 5 (class 1), 6, 8 (class 2)
+    confidence = torch.tensor([0.5, 0.9, 0.7, 0.99, 0.6, 0.95, 0.4, 0.3, 0.8])
+    assert pick_misclassified(predictions, labels, confidence, 4) == [5, 1, 8, 4]  # 1 per class, by top mistake
+    assert pick_misclassified(predictions, labels, confidence, 100) == [5, 1, 8, 4, 2, 6, 0]
+    assert pick_misclassified(predictions, labels, confidence, 0) == []
+    assert pick_misclassified(labels, labels, confidence, 3) == []
 
 
 def test_scan_predicts_every_image_and_matches_the_model(random_model, tiny_folder):
@@ -56,7 +66,15 @@ def test_explain_dataset_writes_everything(random_model, tiny_folder, tmp_path):
         save_maps=True,
     )
     names = sorted(p.name for p in tmp_path.iterdir())
-    assert names == ["maps.zarr", "methods.png", "misclassified.png", "per_class.png", "summary.json"]
+    assert names == [
+        "confusion_matrix.png",
+        "maps.zarr",
+        "methods.png",
+        "misclassified.png",
+        "per_class.png",
+        "report.html",
+        "summary.json",
+    ]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["schema_version"] == 1 and summary["images"] == 10
     assert summary["methods"] == ["gradcam", "captum-gradcam"] and summary["layer"] == "layer4"

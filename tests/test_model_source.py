@@ -169,7 +169,9 @@ def test_evaluate_a_hugging_face_model_whose_forward_returns_an_object(capsys, t
     for name in ("cat", "dog"):
         (tmp_path / "data" / "test" / name).mkdir(parents=True)
         for i in range(3):
-            Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(tmp_path / "data" / "test" / name / f"{i}.png")
+            Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(
+                tmp_path / "data" / "test" / name / f"{i}.png"
+            )
     code = main(
         ["evaluate", "--model", f"hf:{tmp_path / 'vit'}", "--data-dir", str(tmp_path / "data"), "--methods", "gradcam",
          "--limit", "6", "--steps", "4", "--skip", "sanity", "--out", str(tmp_path / "eval")]

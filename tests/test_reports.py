@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import torch
 
-from explainkit.training.reports import confusion_figure, curves_figure, normalized_confusion
-from explainkit.visualize import save_figure
+from explainkit.training.reports import curves_figure
+from explainkit.visualize import confusion_figure, normalized_confusion, save_figure
 
 
 def test_confusion_rows_sum_to_one():

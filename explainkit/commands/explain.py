@@ -16,6 +16,7 @@ from explainkit.explain import explain_dataset, explain_images, parse_figure_tar
 from explainkit.images import read_image
 from explainkit.io import ensure_writable_dir
 from explainkit.models import load_model, model_card, newest_model, require_model_path, resnet18_cifar
+from explainkit.provenance import provenance
 from explainkit.registry import get_explainer, parse_methods, require_explainer
 from explainkit.training.first_model import train_first_model
 
@@ -58,7 +59,13 @@ def run_explain(args: argparse.Namespace) -> int:
         for explainer in explainers.values():
             if hasattr(explainer, "autocast"):  # our gradient CAMs: model in bf16, CAM maths in float32
                 explainer.autocast = torch.bfloat16
-    meta = {"model": args.model or str(checkpoint), "architecture": card.architecture, "device": str(device)}
+    meta = {
+        "model": args.model or str(checkpoint),
+        "architecture": card.architecture,
+        "device": str(device),
+        "provenance": provenance(checkpoint if checkpoint is not None else args.weights),
+        "card": card.to_dict(),
+    }
 
     if args.image:
         images = torch.stack(

@@ -12,7 +12,7 @@ from torch.utils.data import Dataset, Subset
 
 from explainkit.card import ModelCard
 from explainkit.data import dataset_size
-from explainkit.visualize import CELL, save_figure
+from explainkit.visualize import CELL, confusion_figure, save_figure
 
 
 def curves_figure(history: Sequence[dict[str, float]]) -> Figure:
@@ -32,42 +32,6 @@ def curves_figure(history: Sequence[dict[str, float]]) -> Figure:
         ax.set_title(title)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    return fig
-
-
-def normalized_confusion(confusion: torch.Tensor) -> torch.Tensor:
-    """Rows (true classes) scaled to sum to 1; an empty row stays 0."""
-    confusion = confusion.double()
-    totals = confusion.sum(dim=1, keepdim=True)
-    return confusion / torch.where(totals > 0, totals, torch.ones_like(totals))
-
-
-def confusion_figure(confusion: torch.Tensor, classes: Sequence[str]) -> Figure:
-    matrix = normalized_confusion(confusion).numpy()
-    k = len(classes)
-    fig = Figure(figsize=(0.7 * k + 2, 0.7 * k + 1.5))
-    ax = fig.subplots()
-    image = ax.imshow(matrix, cmap="Blues", vmin=0, vmax=1)
-    ax.set_xticks(range(k), classes, rotation=45, ha="right")
-    ax.set_yticks(range(k), classes)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    if k <= 20:
-        for i in range(k):
-            for j in range(k):
-                ax.text(
-                    j,
-                    i,
-                    f"{matrix[i, j]:.2f}",
-                    ha="center",
-                    va="center",
-                    fontsize=7,
-                    color="white" if matrix[i, j] > 0.5 else "black",
-                )
-    fig.colorbar(image, ax=ax, fraction=0.046)
-    accuracy = float(confusion.diag().sum() / confusion.sum().clamp_min(1))
-    ax.set_title(f"Normalised confusion matrix (accuracy {100 * accuracy:.2f}%)")
     fig.tight_layout()
     return fig
 
