@@ -112,6 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_spec_flags(layers, _positive_int)
 
+    from explainkit.commands.serve import add_serve_parser
+
+    add_serve_parser(sub, _positive_int, DEVICE_CHOICES)
+
     report = sub.add_parser("report", help="rebuild DIR/report.html from the explain, evaluate and train outputs in DIR")
     report.add_argument("dir", metavar="DIR", help="an output folder of explain, evaluate or train")
     report.add_argument("--out", help="where to write the page (default DIR/report.html)")
@@ -170,6 +174,12 @@ def _cmd_lr_find(args: argparse.Namespace) -> int:
     return run_lr_find(args)
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from explainkit.commands.serve import run_serve
+
+    return run_serve(args)
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     from explainkit.report import write_report
 
@@ -196,6 +206,7 @@ COMMANDS = {
     "explain": _cmd_explain,
     "layers": _cmd_layers,
     "report": _cmd_report,
+    "serve": _cmd_serve,
     "methods": _cmd_methods,
     "plugins": _cmd_plugins,
 }

@@ -1,0 +1,231 @@
+"""What ``explainkit serve`` works on, without any web framework: a model, a pool of images
+(the test split, scanned once for predictions, plus uploads), and a thread-safe cache of maps keyed
+by (image, method, layer, class). The web app (:mod:`explainkit.serve`) only lays this out.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import matplotlib
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.utils.data import Dataset
+
+from explainkit.data import dataset_size, make_loader
+from explainkit.errors import ExplainkitError, ImageReadError
+from explainkit.evaluation import metrics
+from explainkit.explainers.base import ALL, ExplainerFn, evaluation_mode
+from explainkit.images import read_image
+from explainkit.models import model_card
+from explainkit.outputs import logits_of
+from explainkit.registry import get_explainer, list_explainers
+
+UPLOAD_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+MAX_UPLOAD_BYTES = 10 * 2**20
+COLORMAPS = ("inferno", "viridis", "magma", "cividis", "jet")
+
+
+@dataclass
+class Item:
+    """One image in the pool: ``input`` is the model's normalised ``(3, H, W)`` input."""
+
+    key: str
+    input: torch.Tensor
+    label: int | None  # None for uploads
+    predicted: int
+    confidence: float
+    probabilities: torch.Tensor  # (K,)
+
+
+class Workbench:
+    """The model, its image pool and the maps cache; every method is safe to call from several threads."""
+
+    def __init__(self, model: nn.Module, device: torch.device, cache_size: int = 4096) -> None:
+        self.model = model
+        self.card = model_card(model)
+        self.device = device
+        self.items: dict[str, Item] = {}
+        self._explainers: dict[tuple[str, str | None], ExplainerFn] = {}
+        self._maps: OrderedDict[tuple[str, str, str | None, int], torch.Tensor] = OrderedDict()
+        self._cache_size = cache_size
+        self._lock = threading.Lock()
+
+    # --- the pool ------------------------------------------------------------------------------
+    def add_dataset(self, dataset: Dataset, limit: int | None = None, batch_size: int = 128) -> int:
+        """Predict ``limit`` evenly spaced images of ``dataset`` (all by default) into the pool."""
+        from torch.utils.data import Subset
+
+        size = dataset_size(dataset)
+        if limit is not None and limit < size:
+            dataset = Subset(dataset, torch.linspace(0, size - 1, limit).long().tolist())
+        offset = 0
+        with evaluation_mode(self.model), torch.no_grad():
+            for images, labels in make_loader(dataset, batch_size, self.device):
+                probabilities = logits_of(self.model(images.to(self.device))).float().softmax(1).cpu()
+                confidence, predicted = probabilities.max(1)
+                for row in range(len(images)):
+                    key = f"test/{offset + row}"
+                    self.items[key] = Item(
+                        key, images[row], int(labels[row]), int(predicted[row]), float(confidence[row]), probabilities[row]
+                    )
+                offset += len(images)
+        return offset
+
+    def add_upload(self, path: str | Path) -> Item:
+        """Read an uploaded file into the pool; a clear :class:`ImageReadError` if it is not an image."""
+        path = Path(path)
+        if path.suffix.lower() not in UPLOAD_SUFFIXES:
+            raise ImageReadError(f"{path.name}: not an image type explainkit reads ({', '.join(UPLOAD_SUFFIXES)})")
+        if path.stat().st_size > MAX_UPLOAD_BYTES:
+            raise ImageReadError(f"{path.name}: larger than {MAX_UPLOAD_BYTES // 2**20} MiB")
+        array = read_image(path, self.card.image_size, self.card.resize, self.card.interpolation)
+        image = self.card.normalize(torch.from_numpy(array).permute(2, 0, 1)[None].float().div(255))[0]
+        with evaluation_mode(self.model), torch.no_grad():
+            probabilities = logits_of(self.model(image[None].to(self.device))).float().softmax(1)[0].cpu()
+        key = f"upload/{len([k for k in self.items if k.startswith('upload/')])}/{path.name}"
+        item = Item(key, image, None, int(probabilities.argmax()), float(probabilities.max()), probabilities)
+        with self._lock:
+            self.items[key] = item
+        return item
+
+    def select(
+        self,
+        true_class: str | None = None,
+        predicted_class: str | None = None,
+        correctness: str = "all",
+        order: str = "confidence",
+    ) -> list[Item]:
+        """Pool items filtered by true/predicted class name and ``correctness`` ("all", "correct",
+        "wrong"), sorted by ``order`` ("confidence" high first, "least confident", or "index")."""
+        classes = self.card.classes
+        chosen = []
+        for item in list(self.items.values()):
+            if true_class and (item.label is None or classes[item.label] != true_class):
+                continue
+            if predicted_class and classes[item.predicted] != predicted_class:
+                continue
+            if correctness != "all" and (item.label is None or (item.label == item.predicted) != (correctness == "correct")):
+                continue
+            chosen.append(item)
+        if order == "confidence":
+            chosen.sort(key=lambda item: -item.confidence)
+        elif order == "least confident":
+            chosen.sort(key=lambda item: item.confidence)
+        return chosen
+
+    def confusion_pairs(self, top: int = 20) -> list[tuple[str, str, int]]:
+        """The most frequent ``(true, predicted, count)`` mistakes in the pool."""
+        counts: dict[tuple[int, int], int] = {}
+        for item in self.items.values():
+            if item.label is not None and item.label != item.predicted:
+                counts[(item.label, item.predicted)] = counts.get((item.label, item.predicted), 0) + 1
+        ranked = sorted(counts.items(), key=lambda pair: -pair[1])[:top]
+        return [(self.card.classes[t], self.card.classes[p], n) for (t, p), n in ranked]
+
+    # --- maps ----------------------------------------------------------------------------------
+    def explainer(self, method: str, layer: str | None) -> ExplainerFn:
+        with self._lock:
+            key = (method, layer)
+            if key not in self._explainers:
+                self._explainers[key] = get_explainer(method, self.model, layer=layer)
+            return self._explainers[key]
+
+    def class_index(self, item: Item, target: str, k: int = 1, class_name: str | None = None) -> list[int]:
+        """Classes to explain for ``target``: "predicted", "true" (uploads: predicted), "top-k" or "class"."""
+        if target == "true" and item.label is not None:
+            return [item.label]
+        if target == "top-k":
+            return item.probabilities.topk(min(k, len(item.probabilities))).indices.tolist()
+        if target == "class":
+            if class_name not in self.card.classes:
+                raise ExplainkitError(f"unknown class {class_name!r}")
+            return [self.card.classes.index(class_name)]
+        return [item.predicted]
+
+    def maps(self, items: Sequence[Item], method: str, layer: str | None, classes: Sequence[int]) -> torch.Tensor:
+        """``(len(items), len(classes), H, W)`` maps on the CPU, computed once per (image, method,
+        layer, class) and cached; the missing ones in one batched call per class."""
+        result = torch.empty(len(items), len(classes), *self.card.image_size)
+        for column, cls in enumerate(classes):
+            missing = []
+            for row, item in enumerate(items):
+                cached = self._cached((item.key, method, layer, cls))
+                if cached is None:
+                    missing.append(row)
+                else:
+                    result[row, column] = cached
+            if missing:
+                batch = torch.stack([items[row].input for row in missing]).to(self.device)
+                computed = self.explainer(method, layer)(batch, targets=cls).float().cpu()
+                for row, value in zip(missing, computed):
+                    self._store((items[row].key, method, layer, cls), value)
+                    result[row, column] = value
+        return result
+
+    def all_classes(self, item: Item, method: str, layer: str | None) -> torch.Tensor:
+        """``(K, H, W)``: every class's map for one image from one ``targets="all"`` call."""
+        keys = [(item.key, method, layer, cls) for cls in range(self.card.num_classes)]
+        cached = [self._cached(key) for key in keys]
+        if all(value is not None for value in cached):
+            return torch.stack(cached)  # type: ignore[arg-type]
+        every = self.explainer(method, layer)(item.input[None].to(self.device), targets=ALL)[0].float().cpu()
+        for key, value in zip(keys, every):
+            self._store(key, value)
+        return every
+
+    def _cached(self, key: tuple) -> torch.Tensor | None:
+        with self._lock:
+            value = self._maps.get(key)
+            if value is not None:
+                self._maps.move_to_end(key)
+            return value
+
+    def _store(self, key: tuple, value: torch.Tensor) -> None:
+        with self._lock:
+            self._maps[key] = value
+            while len(self._maps) > self._cache_size:
+                self._maps.popitem(last=False)
+
+    # --- pictures and scores -------------------------------------------------------------------
+    def display(self, item: Item) -> np.ndarray:
+        """``(H, W, 3)`` float image in [0, 1]: exactly the (resized, cropped) input the model saw."""
+        picture: np.ndarray = self.card.denormalize(item.input[None])[0].permute(1, 2, 0).numpy()
+        return picture
+
+    def blend(self, item: Item, heat: torch.Tensor, opacity: float, colormap: str) -> np.ndarray:
+        """The image with ``heat`` (``(H, W)`` in [0, 1]) colour-mapped over it, as uint8."""
+        colours = matplotlib.colormaps[colormap](np.clip(heat.numpy(), 0, 1))[..., :3]
+        blended = (1 - opacity) * self.display(item) + opacity * colours
+        picture: np.ndarray = (np.clip(blended, 0, 1) * 255).astype(np.uint8)
+        return picture
+
+    def faithfulness(self, item: Item, method: str, layer: str | None, steps: int = 32) -> dict[str, Any]:
+        """Deletion and insertion curves and AUCs for one image's predicted class."""
+        heat = self.maps([item], method, layer, [item.predicted])[:, 0]
+        target = torch.tensor([item.predicted])
+        scores = metrics.deletion_insertion(
+            self.model, item.input[None].to(self.device), heat.to(self.device), target.to(self.device), steps
+        )
+        return {
+            "deletion": scores["deletion_curve"][0].cpu().tolist(),
+            "insertion": scores["insertion_curve"][0].cpu().tolist(),
+            "deletion_auc": float(scores["deletion_auc"][0]),
+            "insertion_auc": float(scores["insertion_auc"][0]),
+        }
+
+    def layer_choices(self) -> list[str]:
+        from explainkit.layers import candidate_layers, default_layer
+
+        default = default_layer(self.model)
+        names = [name for name in candidate_layers(self.model) if name.count(".") == 0]
+        return [default] + [name for name in names if name != default]
+
+    @staticmethod
+    def methods() -> list[str]:
+        return list_explainers()
