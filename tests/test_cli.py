@@ -280,7 +280,7 @@ def test_python_dash_m_bad_input_has_no_traceback(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 
-COMMANDS = ["explain", "train", "lr-find", "evaluate", "layers", "methods", "plugins"]
+COMMANDS = ["explain", "train", "lr-find", "evaluate", "layers", "serve", "report", "methods", "plugins"]
 
 
 @pytest.mark.parametrize("command", [None, *COMMANDS])
