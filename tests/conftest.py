@@ -123,3 +123,18 @@ def color_folder(tmp_path_factory) -> Path:
                 pixels = np.clip(palette[k] + rng.normal(0, 20, (32, 32, 3)), 0, 255).astype(np.uint8)
                 Image.fromarray(pixels).save(folder / f"{i:04d}.png")
     return root
+
+
+def save_tiny_hf_vit(directory: Path, processor: dict | None = None) -> Path:
+    """A one-block Hugging Face ViT for 32x32 images labelled cat/dog, written by save_pretrained
+    (with an image processor when ``processor`` gives its arguments)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.ViTConfig(
+        image_size=32, patch_size=8, num_hidden_layers=1, hidden_size=16, num_attention_heads=2, intermediate_size=32,
+        num_labels=2, id2label={0: "cat", 1: "dog"}, label2id={"cat": 0, "dog": 1},
+    )  # fmt: skip
+    transformers.ViTForImageClassification(config).save_pretrained(directory)
+    if processor is not None:
+        transformers.ViTImageProcessor(**processor).save_pretrained(directory)
+    return directory

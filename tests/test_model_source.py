@@ -15,6 +15,7 @@ from PIL import Image
 
 from explainkit.card import CIFAR10_CLASSES
 from explainkit.cli import main
+from tests.conftest import save_tiny_hf_vit
 
 
 class SmallNet(nn.Module):
@@ -101,13 +102,7 @@ def test_timm_vit_over_an_image_folder(capsys, tmp_path, tiny_folder):
 
 
 def test_hugging_face_directory(capsys, tmp_path, odd_images):
-    transformers = pytest.importorskip("transformers")
-    config = transformers.ViTConfig(
-        image_size=32, patch_size=8, num_hidden_layers=1, hidden_size=16, num_attention_heads=2, intermediate_size=32,
-        num_labels=2, id2label={0: "cat", 1: "dog"}, label2id={"cat": 0, "dog": 1},
-    )  # fmt: skip
-    transformers.ViTForImageClassification(config).save_pretrained(tmp_path / "vit")
-    transformers.ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(tmp_path / "vit")
+    save_tiny_hf_vit(tmp_path / "vit", {"size": {"height": 32, "width": 32}})
     code, out, err = _explain(capsys, tmp_path, "--model", f"hf:{tmp_path / 'vit'}", "--image", *odd_images)
     assert code == 0, err
     summary = json.loads((out / "summary.json").read_text())
@@ -158,13 +153,7 @@ def test_data_whose_classes_the_model_does_not_have(capsys, tmp_path, tiny_folde
 
 def test_evaluate_a_hugging_face_model_whose_forward_returns_an_object(capsys, tmp_path):
     """Every metric (ROAD through pytorch-grad-cam included) reads the logits out of ``.logits``."""
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    config = transformers.ViTConfig(
-        image_size=32, patch_size=8, num_hidden_layers=1, hidden_size=16, num_attention_heads=2, intermediate_size=32,
-        num_labels=2, id2label={0: "cat", 1: "dog"}, label2id={"cat": 0, "dog": 1},
-    )  # fmt: skip
-    transformers.ViTForImageClassification(config).save_pretrained(tmp_path / "vit")
+    save_tiny_hf_vit(tmp_path / "vit")
     rng = np.random.default_rng(0)
     for name in ("cat", "dog"):
         (tmp_path / "data" / "test" / name).mkdir(parents=True)

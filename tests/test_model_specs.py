@@ -13,6 +13,7 @@ import torchvision
 
 from explainkit.errors import CheckpointError, ExplainkitError
 from explainkit.model_specs import ModelSpec, ModelSpecError, load_spec, parse_spec, read_classes
+from tests.conftest import save_tiny_hf_vit
 
 
 def test_parse_spec_kinds():
@@ -97,15 +98,7 @@ def test_timm_reads_its_data_config_and_imagenet_names(tmp_path):
 
 
 def test_hugging_face_directory_with_its_processor_and_labels(tmp_path):
-    transformers = pytest.importorskip("transformers")
-    config = transformers.ViTConfig(
-        image_size=32, patch_size=8, num_hidden_layers=1, hidden_size=16, num_attention_heads=2, intermediate_size=32,
-        num_labels=2, id2label={0: "cat", 1: "dog"}, label2id={"cat": 0, "dog": 1},
-    )  # fmt: skip
-    transformers.ViTForImageClassification(config).save_pretrained(tmp_path / "vit")
-    transformers.ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.25] * 3).save_pretrained(
-        tmp_path / "vit"
-    )
+    save_tiny_hf_vit(tmp_path / "vit", {"size": {"height": 32, "width": 32}, "image_mean": [0.5] * 3, "image_std": [0.25] * 3})
     model = load_spec(f"hf:{tmp_path / 'vit'}")
     assert model.card.classes == ["cat", "dog"] and model.card.image_size == (32, 32) and model.card.std == [0.25] * 3
     with pytest.raises(ModelSpecError, match="save_pretrained"):
