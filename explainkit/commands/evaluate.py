@@ -96,7 +96,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
         layer_name = getattr(factories[methods[0]](model), "layer_name", args.layer)  # also validates --layer
         dataset = load_split("test", model_card(model), args.data_dir)
         out = ensure_writable_dir(args.out)
-        announce(model, args.layer)
+        if args.model:  # a library model: say what preprocessing and layer were read off it
+            announce(model, args.layer)
         picks = torch.linspace(0, dataset_size(dataset) - 1, min(args.limit, dataset_size(dataset))).long().tolist()
         images = torch.stack([dataset[i][0] for i in picks]).to(device)
         results, curves = run.evaluate_faithfulness(
