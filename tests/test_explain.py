@@ -77,7 +77,7 @@ def test_explain_dataset_writes_everything(random_model, tiny_folder, tmp_path):
     ]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["schema_version"] == 1 and summary["images"] == 10
-    assert summary["methods"] == ["gradcam", "captum-gradcam"] and summary["layer"] == "layer4"
+    assert summary["methods"] == ["gradcam", "captum-gradcam"] and summary["layer"] == "layer3"
     maps = explainkit.load_maps(tmp_path)
     assert list(maps) == ["gradcam", "captum-gradcam"] and maps["gradcam"].shape == (10, 32, 32)
     saved = load_results(tmp_path)

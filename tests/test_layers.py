@@ -10,11 +10,29 @@ from explainkit.layers import default_layer, resolve_layer
 
 
 def test_default_layer_for_resnet_and_others(random_model):
-    assert default_layer(random_model) == "layer4"
+    import copy
+
+    plain = copy.deepcopy(random_model)
+    del plain.card  # no model card: the family rule
+    assert default_layer(plain) == "layer4"
     seq = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 5, 3), nn.Flatten())
     assert default_layer(seq) == "2"
     with pytest.raises(LayerNotFoundError):
         default_layer(nn.Sequential(nn.Linear(2, 2)))
+
+
+def test_resnet18_cifar_card_gets_its_measured_layer(random_model):
+    import copy
+
+    from explainkit.card import ModelCard
+    from explainkit.layers import default_layer_and_reason
+
+    carded = copy.deepcopy(random_model)
+    carded.card = ModelCard()  # architecture resnet18-cifar
+    layer, why = default_layer_and_reason(carded)
+    assert layer == "layer3" and "measured" in why
+    carded.card = ModelCard(architecture="torchvision:resnet18")
+    assert default_layer(carded) == "layer4"
 
 
 def test_resolve_by_name_and_module(random_model):
