@@ -216,17 +216,20 @@ def launch(bench: Workbench, host: str = "127.0.0.1", port: int = 7860, block: b
     """Start the app and print its URL; ``block=False`` returns ``(app, url)`` (tests)."""
     gr = _gradio()
     app = build_app(bench)
-    _, url, _ = app.launch(
-        server_name=host,
-        server_port=port,
-        share=False,
-        theme=_theme(gr),
-        max_file_size=MAX_UPLOAD_BYTES,
-        prevent_thread_lock=True,
-        quiet=True,
-        ssr_mode=False,
-        footer_links=[],
-    )
+    try:
+        _, url, _ = app.launch(
+            server_name=host,
+            server_port=port,
+            share=False,
+            theme=_theme(gr),
+            max_file_size=MAX_UPLOAD_BYTES,
+            prevent_thread_lock=True,
+            quiet=True,
+            ssr_mode=False,
+            footer_links=[],
+        )
+    except OSError as error:  # the port is taken, or the host is not this machine's
+        raise ExplainkitError(f"cannot serve on {host}:{port}: {str(error).splitlines()[0]} (try another --port)") from None
     print(f"explainkit serve: {url}", flush=True)
     if block:
         try:
