@@ -91,14 +91,17 @@ def build_app(bench: Workbench):
             return [], {}, "Choose at least one method."
         items = [bench.items[key] for key in selected]
         panes = []
-        for count, item in enumerate(items):
-            progress(count / len(items), desc=f"explaining {item.key}")
-            wanted = bench.class_index(item, target, int(k), class_name)
-            panes.append((bench.display(item), caption(item)))
-            for method in methods:
-                maps = bench.maps([item], method, layer or None, wanted)[0]
-                for cls, heat in zip(wanted, maps):
-                    panes.append((bench.blend(item, heat, opacity, colormap), f"{method} @ {layer}: {classes[cls]}"))
+        try:
+            for count, item in enumerate(items):
+                progress(count / len(items), desc=f"explaining {item.key}")
+                wanted = bench.class_index(item, target, int(k), class_name)
+                panes.append((bench.display(item), caption(item)))
+                for method in methods:
+                    maps = bench.maps([item], method, layer or None, wanted)[0]
+                    for cls, heat in zip(wanted, maps):
+                        panes.append((bench.blend(item, heat, opacity, colormap), f"{method} @ {layer}: {classes[cls]}"))
+        except ExplainkitError as error:  # e.g. a layer that is not a feature map: say so in the page
+            return [], {}, f"**{error}**"
         first = items[0]
         top = {classes[int(i)]: float(first.probabilities[i]) for i in first.probabilities.topk(min(5, len(classes))).indices}
         columns = len(panes) // len(items)  # one row per image: the image, then its maps
