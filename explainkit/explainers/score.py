@@ -40,8 +40,9 @@ class ScoreCAM(PerturbationCAM):
             low = masks.amin(dim=(-2, -1), keepdim=True)
             high = masks.amax(dim=(-2, -1), keepdim=True)
             masks = (masks - low) / (high - low + 1e-8)
-            scores.append(logits_of(self.model(images[owners] * masks)).float())
-        return torch.cat(scores).view(n, c, -1)
+            with torch.inference_mode():  # no autograd bookkeeping at all for these forwards
+                scores.append(logits_of(self.model(images[owners] * masks)).float())
+        return torch.cat(scores).view(n, c, -1).clone()  # a normal tensor again
 
     def weights_from_scores(self, scores: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         return scores.softmax(dim=1)
