@@ -212,16 +212,21 @@ COMMANDS = {
 }
 
 
-def _one_line_warning(message, category, filename, lineno, line=None) -> str:  # noqa: ARG001 - warnings' signature
-    return f"explainkit: warning: {message}\n"
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ARG001 - warnings' signature
+    print(f"explainkit: warning: {message}", file=file or sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     debug = bool(os.environ.get("EXPLAINKIT_DEBUG"))
-    if not debug:
-        warnings.filterwarnings("ignore", category=UserWarning)
-        warnings.formatwarning = _one_line_warning
+    with warnings.catch_warnings():  # the filter and the one-line format last for this call only
+        if not debug:
+            warnings.filterwarnings("ignore", category=UserWarning)
+            warnings.showwarning = _one_line_warning
+        return _run(args, debug)
+
+
+def _run(args: argparse.Namespace, debug: bool) -> int:
     try:
         return COMMANDS[args.command](args)
     except ExplainkitError as exc:
