@@ -90,18 +90,20 @@ def build_app(bench: Workbench):
         if not methods:
             return [], {}, "Choose at least one method."
         items = [bench.items[key] for key in selected]
-        panes = []
         try:
-            for count, item in enumerate(items):
-                progress(count / len(items), desc=f"explaining {item.key}")
-                wanted = bench.class_index(item, target, int(k), class_name)
-                panes.append((bench.display(item), caption(item)))
-                for method in methods:
-                    maps = bench.maps([item], method, layer or None, wanted)[0]
-                    for cls, heat in zip(wanted, maps):
-                        panes.append((bench.blend(item, heat, opacity, colormap), f"{method} @ {layer}: {classes[cls]}"))
+            wanted = [bench.class_index(item, target, int(k), class_name) for item in items]
+            maps = {}
+            for count, method in enumerate(methods):  # every selected image in one call per method
+                progress(count / len(methods), desc=f"{method} on {len(items)} images")
+                maps[method] = bench.maps(items, method, layer or None, wanted)  # (N, J, H, W)
         except ExplainkitError as error:  # e.g. a layer that is not a feature map: say so in the page
             return [], {}, f"**{error}**"
+        panes = []
+        for row, item in enumerate(items):
+            panes.append((bench.display(item), caption(item)))
+            for method in methods:
+                for cls, heat in zip(wanted[row], maps[method][row]):
+                    panes.append((bench.blend(item, heat, opacity, colormap), f"{method} @ {layer}: {classes[cls]}"))
         first = items[0]
         top = {classes[int(i)]: float(first.probabilities[i]) for i in first.probabilities.topk(min(5, len(classes))).indices}
         columns = len(panes) // len(items)  # one row per image: the image, then its maps

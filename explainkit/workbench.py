@@ -20,7 +20,7 @@ from torch.utils.data import Dataset
 from explainkit.data import dataset_size, make_loader
 from explainkit.errors import ExplainkitError, ImageReadError
 from explainkit.evaluation import metrics
-from explainkit.explainers.base import ALL, ExplainerFn, evaluation_mode
+from explainkit.explainers.base import ALL, Explainer, ExplainerFn, evaluation_mode
 from explainkit.images import read_image
 from explainkit.models import model_card
 from explainkit.outputs import logits_of
@@ -148,25 +148,27 @@ class Workbench:
             return [self.card.classes.index(class_name)]
         return [item.predicted]
 
-    def maps(self, items: Sequence[Item], method: str, layer: str | None, classes: Sequence[int]) -> torch.Tensor:
-        """``(len(items), len(classes), H, W)`` maps on the CPU, computed once per (image, method,
-        layer, class) and cached; the missing ones in one batched call per class."""
-        result = torch.empty(len(items), len(classes), *self.card.image_size)
-        for column, cls in enumerate(classes):
-            missing = []
-            for row, item in enumerate(items):
-                cached = self._cached((item.key, method, layer, cls))
-                if cached is None:
-                    missing.append(row)
-                else:
-                    result[row, column] = cached
-            if missing:
-                batch = torch.stack([items[row].input for row in missing]).to(self.device)
-                computed = self.explainer(method, layer)(batch, targets=cls).float().cpu()
-                for row, value in zip(missing, computed):
-                    self._store((items[row].key, method, layer, cls), value)
-                    result[row, column] = value
-        return result
+    def maps(self, items: Sequence[Item], method: str, layer: str | None, classes: Sequence[Sequence[int]]) -> torch.Tensor:
+        """``(len(items), J, H, W)`` maps on the CPU for ``classes[i]``, the ``J`` classes of item
+        ``i``; computed once per (image, method, layer, class) and cached. The images with any map
+        missing are explained in one call (our explainers take the ``(N, J)`` classes at once: one
+        forward and one batched backward), not one call per class or per image."""
+        keys = [[(item.key, method, layer, int(cls)) for cls in row] for item, row in zip(items, classes)]
+        cached = [[self._cached(key) for key in row] for row in keys]
+        missing = [row for row, values in enumerate(cached) if any(value is None for value in values)]
+        if missing:
+            batch = torch.stack([items[row].input for row in missing]).to(self.device)
+            wanted = torch.tensor([list(classes[row]) for row in missing], device=self.device)  # (M, J)
+            explainer = self.explainer(method, layer)
+            if isinstance(explainer, Explainer):
+                computed = explainer(batch, targets=wanted).float().cpu()  # (M, J, H, W)
+            else:  # a plain plugin function takes one class per image: one call per column
+                computed = torch.stack([explainer(batch, column) for column in wanted.T], dim=1).float().cpu()
+            for row, values in zip(missing, computed):
+                for column, value in enumerate(values):
+                    self._store(keys[row][column], value)
+                    cached[row][column] = value
+        return torch.stack([torch.stack(values) for values in cached])  # type: ignore[arg-type]
 
     def all_classes(self, item: Item, method: str, layer: str | None) -> torch.Tensor:
         """``(K, H, W)``: every class's map for one image from one ``targets="all"`` call."""
@@ -207,7 +209,7 @@ class Workbench:
 
     def faithfulness(self, item: Item, method: str, layer: str | None, steps: int = 32) -> dict[str, Any]:
         """Deletion and insertion curves and AUCs for one image's predicted class."""
-        heat = self.maps([item], method, layer, [item.predicted])[:, 0]
+        heat = self.maps([item], method, layer, [[item.predicted]])[:, 0]
         target = torch.tensor([item.predicted])
         scores = metrics.deletion_insertion(
             self.model, item.input[None].to(self.device), heat.to(self.device), target.to(self.device), steps

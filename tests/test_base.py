@@ -49,7 +49,9 @@ def test_resolve_topk_orders_classes_by_score():
     assert resolve_targets(("topk", 9), logits).shape == (2, 3)  # k beyond the classes: every class
 
 
-@pytest.mark.parametrize("bad", [3, -1, [0], [0, 1, 2], [0, 5], "every", True, [0.5, 1.0], "topk:0", "topk:x", ("topk", None)])
+@pytest.mark.parametrize(
+    "bad", [3, -1, [0], [0, 1, 2], [0, 5], "every", True, [0.5, 1.0], "topk:0", "topk:x", ("topk", None), [[0, 1]], [[0], [3]]]
+)
 def test_resolve_targets_rejects_bad_targets(bad):
     with pytest.raises(ExplainkitError):
         resolve_targets(bad, torch.zeros(2, 3))
@@ -102,6 +104,16 @@ def test_topk_maps_are_the_single_target_maps_of_each_rank(name, random_model, i
     for rank in range(3):
         single = explainer(images, targets=result.targets[:, rank])
         torch.testing.assert_close(result.maps[:, rank], single, atol=2e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize("name", BUILTINS)
+def test_explicit_class_sets_per_image_are_the_single_target_maps(name, random_model, images):
+    explainer = explainkit.get_explainer(name, random_model)
+    wanted = torch.tensor([[k % 10, (k + 3) % 10] for k in range(len(images))])
+    result = explainer.explain(images, wanted)
+    assert result.maps.shape == (len(images), 2, *images.shape[-2:]) and torch.equal(result.targets, wanted)
+    for column in range(2):
+        torch.testing.assert_close(result.maps[:, column], explainer(images, targets=wanted[:, column]), atol=2e-4, rtol=1e-3)
 
 
 @pytest.mark.parametrize("name", BUILTINS)

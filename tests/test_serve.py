@@ -135,11 +135,11 @@ def test_workbench_filters_and_caches(random_model, tiny_folder):
     ordered = bench.select(order="confidence")
     assert [item.confidence for item in ordered] == sorted((item.confidence for item in ordered), reverse=True)
     items = ordered[:2]
-    first = bench.maps(items, "gradcam", None, [3, 5])
+    first = bench.maps(items, "gradcam", None, [[3, 5], [3, 5]])
     calls = []
     original = bench.explainer("gradcam", None)
     bench._explainers[("gradcam", None)] = lambda *a, **k: calls.append(1) or original(*a, **k)
-    again = bench.maps(items, "gradcam", None, [3, 5])
+    again = bench.maps(items, "gradcam", None, [[3, 5], [3, 5]])
     assert not calls and torch.equal(first, again)  # served from the cache
     torch.testing.assert_close(first[:, 0], original(torch.stack([i.input for i in items]), targets=3))
 

@@ -42,9 +42,9 @@ class Explanation:
     """What one explainer call produced.
 
     maps: float32 on the images' device, ``(N, H, W)`` for single targets, ``(N, K, H, W)``
-        for ``targets="all"`` and ``(N, k, H, W)`` for top-k.
+        for ``targets="all"`` and ``(N, J, H, W)`` for top-k and class sets.
     logits: the model's ``(N, K)`` output for the images.
-    targets: the class indices explained: ``(N,)``, ``(N, k)`` for top-k, ``None`` for ``"all"``.
+    targets: the class indices explained: ``(N,)``, ``(N, J)`` for top-k and class sets, ``None`` for ``"all"``.
     """
 
     maps: torch.Tensor
@@ -106,10 +106,11 @@ def parse_topk(targets: object) -> int | None:
 def resolve_targets(targets: Targets, logits: torch.Tensor) -> torch.Tensor | str:
     """Turn the user's ``targets`` into class indices on the logits' device.
 
-    Returns ``"all"``, an ``(N,)`` long tensor (one class per image) or, for top-k
-    (``("topk", k)`` / ``"topk:k"``), an ``(N, k)`` long tensor of each image's ``k`` most
-    probable classes, most probable first. ``None`` means each image's predicted class. A target
-    list must have one entry per image (a short list is an error, never a silently truncated batch).
+    Returns ``"all"``, an ``(N,)`` long tensor (one class per image) or an ``(N, J)`` one (several
+    classes per image): for top-k (``("topk", k)`` / ``"topk:k"``) each image's ``k`` most
+    probable classes, most probable first, or the rows of an ``(N, J)`` tensor/nested list given.
+    ``None`` means each image's predicted class. Targets must have one row per image (a short list
+    is an error, never a silently truncated batch).
     """
     n, num_classes = logits.shape
     if isinstance(targets, torch.Tensor) and targets.is_inference():
@@ -131,8 +132,11 @@ def resolve_targets(targets: Targets, logits: torch.Tensor) -> torch.Tensor | st
             raise ExplainkitError(f"target class {index} is out of range for a model with {num_classes} classes")
         return torch.full((n,), index, dtype=torch.long, device=logits.device)
     tensor = torch.as_tensor(targets, device=logits.device)
-    if tensor.ndim != 1 or tensor.shape[0] != n or tensor.dtype.is_floating_point:
-        raise ExplainkitError(f"targets must hold one integer class per image ({n}), got shape {tuple(tensor.shape)}")
+    if tensor.ndim not in (1, 2) or tensor.shape[0] != n or tensor.dtype.is_floating_point or tensor.numel() == 0:
+        raise ExplainkitError(
+            f"targets must hold one integer class per image ({n},) or a row of classes per image ({n}, J); "
+            f"got shape {tuple(tensor.shape)}"
+        )
     tensor = tensor.long()
     # One host sync to validate user input: a bad index would otherwise surface as a cryptic
     # device-side assert.
@@ -215,8 +219,9 @@ class Explainer(ABC):
         layer: dotted submodule path or module; ``None`` = :func:`explainkit.layers.default_layer`.
 
     ``targets`` is ``None`` (each image's predicted class), an ``int``, a sequence or tensor of
-    ``N`` ints, ``"all"`` (every class, maps shaped ``(N, K, H, W)``) or ``("topk", k)`` /
-    ``"topk:k"`` (each image's ``k`` most probable classes, ``(N, k, H, W)``).
+    ``N`` ints, ``"all"`` (every class, maps shaped ``(N, K, H, W)``), ``("topk", k)`` /
+    ``"topk:k"`` (each image's ``k`` most probable classes, ``(N, k, H, W)``) or an ``(N, J)``
+    tensor of classes per image (``(N, J, H, W)``).
     """
 
     #: human-readable name for titles and tables; subclasses override.
