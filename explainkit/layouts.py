@@ -7,7 +7,7 @@ A CAM needs activations and gradients as ``(..., C, h, w)``. Vision transformers
 activations and gradients never enter the map. pytorch-grad-cam asks the user for a
 ``reshape_transform`` with this knowledge; here it is read off the model where it is declared
 (timm's ``num_prefix_tokens``/``patch_embed.grid_size``, torchvision's ViT ``patch_size``, Hugging
-Face ``config.patch_size``) and inferred from the input size otherwise, or given explicitly.
+Face ``config.patch_size``, the reduction of the stage a layer is in from timm's ``feature_info``) and inferred from the input size otherwise, or given explicitly.
 """
 
 from __future__ import annotations
@@ -87,6 +87,23 @@ def _declared_tokens(model: nn.Module, images_hw: tuple[int, int]) -> tuple[int 
     return prefix, grid
 
 
+def _stage_grids(model: nn.Module, layer_name: str, images_hw: tuple[int, int]) -> list[tuple[int, int]]:
+    """Patch grids for a layer inside a stage that timm declares in ``model.feature_info`` (module
+    name and reduction): the input size over the reduction, rounded up (strided convolutions with
+    padding) then down (pooling)."""
+    info = getattr(model, "feature_info", None)
+    if not isinstance(info, list):
+        return []
+    for entry in info:
+        module, reduction = entry.get("module") if isinstance(entry, dict) else None, entry.get("reduction")
+        if module and isinstance(reduction, int) and reduction > 0 and (layer_name + ".").startswith(module + "."):
+            height, width = images_hw
+            return list(
+                dict.fromkeys([(-(-height // reduction), -(-width // reduction)), (height // reduction, width // reduction)])
+            )
+    return []
+
+
 def infer_layout(output_shape: tuple[int, ...], images_hw: tuple[int, int], model: nn.Module, layer_name: str) -> Layout:
     """The layout of a layer output of ``output_shape`` for inputs of ``images_hw``."""
     override = "pass layout=Layout(kind='tokens', prefix=P, grid=(h, w)) (or kind='nchw'/'nhwc') to the explainer"
@@ -100,6 +117,10 @@ def infer_layout(output_shape: tuple[int, ...], images_hw: tuple[int, int], mode
             f"layer {layer_name!r} outputs shape {output_shape}; a CAM needs (N, C, h, w), (N, h, w, C) or (N, tokens, C)"
         )
     tokens = output_shape[1]
+    for stage_grid in _stage_grids(model, layer_name, images_hw):  # hierarchical and hybrid timm models
+        extra = tokens - stage_grid[0] * stage_grid[1]
+        if 0 <= extra <= MAX_PREFIX_TOKENS:
+            return Layout("tokens", extra, stage_grid)
     prefix, grid = _declared_tokens(model, images_hw)
     if grid is not None and tokens == grid[0] * grid[1]:  # patches only: before the prefix tokens are added
         return Layout("tokens", 0, grid)

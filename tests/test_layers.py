@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import pytest
+import torch
 import torch.nn as nn
 
 from explainkit.errors import LayerNotFoundError
-from explainkit.layers import default_layer, resolve_layer
+from explainkit.explainers.gradient import GradCAM
+from explainkit.layers import LayerTrace, default_layer, default_layer_and_reason, resolve_layer, trace_layers
 
 
 def test_default_layer_for_resnet_and_others(random_model):
@@ -33,6 +35,97 @@ def test_resnet18_cifar_card_gets_its_measured_layer(random_model):
     assert layer == "layer3" and "measured" in why
     carded.card = ModelCard(architecture="torchvision:resnet18")
     assert default_layer(carded) == "layer4"
+
+
+class _IteratedBlocks(nn.Module):
+    """A container its parent iterates (torchvision MaxViT's ``blocks``): ``blocks`` never runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.blocks = nn.ModuleList([nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 6, 3, stride=2, padding=1)])
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.pool(x).flatten(1))
+
+
+class _Branches(nn.Module):
+    """A multi-branch block (Inception): two convolutions concatenated."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.left = nn.Conv2d(4, 2, 1)
+        self.right = nn.Conv2d(4, 2, 3, padding=1)
+
+    def forward(self, x):
+        return torch.cat([self.left(x), self.right(x)], 1)
+
+
+class _Inception(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.mixed = _Branches()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(self.pool(self.mixed(self.stem(x))).flatten(1))
+
+
+def test_a_container_the_forward_iterates_stands_for_its_last_child():
+    model = _IteratedBlocks()
+    layer, why = default_layer_and_reason(model)
+    assert layer == "blocks.1" and "last stage" in why
+    assert not trace_layers(model).ran("blocks") and trace_layers(model).ran("blocks.1")
+    maps = GradCAM(model)(torch.randn(2, 3, 16, 16))
+    assert maps.shape == (2, 16, 16) and torch.isfinite(maps).all()
+
+
+def test_a_multi_branch_block_is_the_default_not_one_of_its_branches():
+    layer, why = default_layer_and_reason(_Inception())
+    assert layer == "mixed" and "feature map" in why  # the old rule took the last Conv2d: mixed.right
+
+
+def test_pooling_and_attention_internals_are_never_a_default():
+    trace = LayerTrace((3, 32, 32), {"a": (1, 8, 4, 4), "b": (1, 4, 50, 16), "c": (1, 8, 1, 1), "d": (1, 8)})
+    model = nn.Module()
+    assert trace.reading(model, "a") == "nchw"
+    assert trace.reading(model, "b") is None  # (1, heads, tokens, dim): not the image's aspect ratio
+    assert trace.reading(model, "c") is None and trace.reading(model, "d") is None
+
+
+def test_the_dry_forward_restores_the_model_and_leaves_no_hook(random_model):
+    import copy
+
+    model = copy.deepcopy(random_model).train()
+    del model.card
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
+    assert default_layer(model) == "layer4"
+    assert model.training and all(m.training for m in model.modules())
+    assert all(torch.equal(b, buffers[name]) for name, b in model.named_buffers())
+    assert not any(m._forward_hooks for m in model.modules())
+    assert trace_layers(model) is trace_layers(model)  # cached per model and input size
+
+
+def test_a_model_that_cannot_run_the_dry_forward_falls_back_and_says_so():
+    fixed = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Flatten(), nn.Linear(4 * 8 * 8, 2))  # 8x8 inputs only
+    layer, why = default_layer_and_reason(fixed)
+    assert layer == "0" and "not checked" in why and "224" in why
+    assert trace_layers(fixed, (3, 8, 8)).error is None
+
+
+def test_hierarchical_timm_tokens_read_off_feature_info():
+    """LeViT's last stage has 16 tokens: 4x4 from the stage's declared reduction (64), not 7 + 3x3."""
+    model = _timm("levit_128").eval()
+    layer, why = default_layer_and_reason(model)
+    assert layer == "stages.2" and "feature_info" in why
+    assert trace_layers(model).reading(model, layer) == "tokens: 0 prefix + 4x4 grid"
 
 
 def test_resolve_by_name_and_module(random_model):
@@ -68,10 +161,10 @@ FAMILIES = {  # model -> (its default layer, input size)
     "torchvision mobilenet": (lambda: _torchvision("mobilenet_v3_small"), "features", 64),
     "torchvision convnext": (lambda: _torchvision("convnext_tiny"), "features", 64),
     "timm vit": (lambda: _timm("vit_tiny_patch16_224", img_size=64), "blocks.11.norm1", 64),
-    "timm convnext": (lambda: _timm("convnext_atto"), "stages", 64),
-    "timm efficientnet": (lambda: _timm("efficientnet_b0"), "blocks", 64),
+    "timm convnext": (lambda: _timm("convnext_atto"), "stages.3", 64),
+    "timm efficientnet": (lambda: _timm("efficientnet_b0"), "blocks.6", 64),
     "timm regnet": (lambda: _timm("regnetx_002"), "s4", 64),
-    "timm swin": (lambda: _timm("swin_tiny_patch4_window7_224", img_size=64, window_size=2), "layers", 64),
+    "timm swin": (lambda: _timm("swin_tiny_patch4_window7_224", img_size=64, window_size=2), "layers.3", 64),
 }
 
 

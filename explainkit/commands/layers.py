@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import threading
 
 import torch
 import torch.nn as nn
 
 from explainkit.commands.model_source import check_spec_flags, load_spec_model
-from explainkit.errors import ExplainkitError, LayerNotFoundError
-from explainkit.layers import BLOCK_NORMS, default_layer_and_reason
-from explainkit.layouts import infer_layout
+from explainkit.errors import ExplainkitError
+from explainkit.layers import BLOCK_NORMS, default_layer_and_reason, trace_layers
 from explainkit.models import load_model, model_card, require_model_path
 
 
@@ -22,47 +20,25 @@ def _listed(name: str, module: nn.Module, everything: bool) -> bool:
     return name.count(".") <= 1 or name.rsplit(".", 1)[-1] in BLOCK_NORMS
 
 
-def layer_table(model: nn.Module, images: torch.Tensor, everything: bool = False) -> list[dict[str, str]]:
-    """One row per candidate layer: ``name``, ``shape`` of its output for ``images``, ``reading``
-    (how explainkit turns it into a map) and ``default`` ("*" for the default layer)."""
+def layer_table(model: nn.Module, input_size: tuple[int, int, int], everything: bool = False) -> list[dict[str, str]]:
+    """One row per candidate layer: ``name``, ``shape`` of its output for a ``(1, *input_size)``
+    batch, ``reading`` (how explainkit turns it into a map) and ``default`` ("*" for the default
+    layer). Reads the same dry forward that picks the default layer."""
     default, _ = default_layer_and_reason(model)
-    shapes: dict[str, tuple[int, ...] | str] = {}
-    owner = threading.get_ident()
-
-    def recorder(name: str):
-        def record(module: nn.Module, inputs: tuple, output: object) -> None:
-            if threading.get_ident() == owner and name not in shapes:  # the first call of a shared module
-                shapes[name] = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
-
-        return record
-
-    named = [
-        (name, module)
-        for name, module in model.named_modules()
-        if name and (_listed(name, module, everything) or name == default)
-    ]
-    handles = [module.register_forward_hook(recorder(name)) for name, module in named]
-    training = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(images)
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(training)
+    trace = trace_layers(model, input_size)
+    if trace.error is not None:
+        raise ExplainkitError(f"the model's forward on a 1x{'x'.join(map(str, input_size))} batch failed: {trace.error}")
     rows = []
-    for name, _ in named:
-        shape = shapes.get(name)
+    for name, module in model.named_modules():
+        if not name or not (_listed(name, module, everything) or name == default):
+            continue
+        shape = trace.outputs.get(name)
         if shape is None:
             reading = "not run by the forward"
         elif isinstance(shape, str):
             reading = f"returns {shape}: not usable"
         else:
-            try:
-                reading = infer_layout(shape, (images.shape[-2], images.shape[-1]), model, name).describe()
-            except LayerNotFoundError:
-                reading = "not a feature map"
+            reading = trace.reading(model, name) or "not a feature map"
         shown = "x".join(map(str, shape)) if isinstance(shape, tuple) else "-"
         rows.append({"name": name, "shape": shown, "reading": reading, "default": "*" if name == default else ""})
     return rows
@@ -77,7 +53,7 @@ def run_layers(args: argparse.Namespace) -> int:
         model = load_model(require_model_path(args.checkpoint, args.models_dir), map_location=device)
     card = model_card(model)
     print(f"{card.architecture}: {card.num_classes} classes; input {'x'.join(map(str, card.input_size))}")
-    rows = layer_table(model, torch.zeros(1, *card.input_size), everything=args.all)
+    rows = layer_table(model, tuple(card.input_size), everything=args.all)  # type: ignore[arg-type]
     if not rows:
         raise ExplainkitError(f"{card.architecture} has no submodules to list")
     default, why = default_layer_and_reason(model)

@@ -9,11 +9,9 @@ the base guarantees the contract users rely on.
 from __future__ import annotations
 
 import functools
-import threading
 from abc import ABC, abstractmethod
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Protocol, Sequence, Union
+from typing import Protocol, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -21,6 +19,7 @@ import torch.nn.functional as F
 
 from explainkit.errors import ExplainkitError
 from explainkit.layers import resolve_layer
+from explainkit.model_modes import evaluation_mode
 
 Targets = Union[None, int, str, Sequence[int], torch.Tensor, tuple[str, int]]
 ALL = "all"
@@ -54,36 +53,6 @@ class Explanation:
     @property
     def probabilities(self) -> torch.Tensor:
         return self.logits.float().softmax(dim=1)
-
-
-_MODE_LOCK = threading.Lock()
-_SAVED_MODES: dict[int, tuple[int, list[tuple[nn.Module, bool]]]] = {}  # id(model) -> (callers inside, modes)
-
-
-@contextmanager
-def evaluation_mode(model: nn.Module) -> Iterator[None]:
-    """Put ``model`` in eval mode for the block and restore every submodule's own mode after.
-
-    Re-entrant across threads: the first caller saves the modes, the last one out restores them,
-    so concurrent explanations with one shared model never see (or leave) a half-restored model.
-    """
-    key = id(model)
-    with _MODE_LOCK:
-        count, modes = _SAVED_MODES.get(key, (0, []))
-        if count == 0:
-            modes = [(module, module.training) for module in model.modules()]
-            model.eval()
-        _SAVED_MODES[key] = (count + 1, modes)
-    try:
-        yield
-    finally:
-        with _MODE_LOCK:
-            count, modes = _SAVED_MODES.pop(key)
-            if count > 1:
-                _SAVED_MODES[key] = (count - 1, modes)
-            else:
-                for module, training in modes:
-                    module.training = training
 
 
 def parse_topk(targets: object) -> int | None:
