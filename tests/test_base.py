@@ -190,3 +190,22 @@ def test_evaluation_mode_restores_after_exception(random_model):
         assert not model.training
         raise ValueError
     assert all(m.training for m in model.modules())
+
+
+@pytest.mark.parametrize("name", BUILTINS)
+def test_non_finite_images_are_refused_by_name(name, random_model, images):
+    explainer = explainkit.get_explainer(name, random_model, layer="layer4")
+    spoiled = images.clone()
+    spoiled[1, 0, 3, 3] = float("nan")
+    spoiled[4, 2, 0, 0] = float("inf")
+    with pytest.raises(ExplainkitError, match=r"images 1, 4 \(0-based\) contain NaN or Inf"):
+        explainer(spoiled)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
+def test_images_of_another_dtype_are_cast_to_the_models(dtype, random_model, images):
+    explainer = explainkit.get_explainer("gradcam", random_model, layer="layer4")
+    expected = explainer(images.to(dtype).float())  # the same values the cast gives
+    maps = explainer(images.to(dtype))
+    assert maps.dtype == torch.float32 and torch.isfinite(maps).all()
+    torch.testing.assert_close(maps, expected)

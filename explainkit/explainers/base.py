@@ -178,6 +178,20 @@ def check_images(images: torch.Tensor) -> None:
             "explainers need autograd, which torch.inference_mode() disables; "
             "call the explainer outside inference_mode (torch.no_grad() is fine)"
         )
+    # One reduction and one sync per batch: NaN or Inf pixels would give maps full of NaN from
+    # every gradient method, silently (pytorch-grad-cam's #42/#108); better a clear refusal.
+    finite = torch.isfinite(images).flatten(1).all(dim=1)
+    if not bool(finite.all()):
+        bad = (~finite).nonzero().flatten().tolist()
+        shown = ", ".join(map(str, bad[:10])) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
+        raise ExplainkitError(f"images {shown} (0-based) contain NaN or Inf values; explainers need finite inputs")
+
+
+def as_model_dtype(images: torch.Tensor, model: nn.Module) -> torch.Tensor:
+    """``images`` cast to the dtype of the model's floating-point parameters (a float64 or float16
+    batch for a float32 model, a float32 batch for a bfloat16 model); unchanged when they agree."""
+    dtype = next((p.dtype for p in model.parameters() if p.dtype.is_floating_point), images.dtype)
+    return images if images.dtype == dtype else images.to(dtype)
 
 
 class Explainer(ABC):
@@ -186,6 +200,9 @@ class Explainer(ABC):
     Args:
         model: the classifier; it is run in eval mode during a call and its modes restored after.
         layer: dotted submodule path or module; ``None`` = :func:`explainkit.layers.default_layer`.
+
+    ``images`` must be finite (NaN or Inf is an :class:`~explainkit.errors.ExplainkitError` naming
+    the images) and are cast to the dtype of the model's parameters.
 
     ``targets`` is ``None`` (each image's predicted class), an ``int``, a sequence or tensor of
     ``N`` ints, ``"all"`` (every class, maps shaped ``(N, K, H, W)``), ``("topk", k)`` /
@@ -206,6 +223,7 @@ class Explainer(ABC):
     def explain(self, images: torch.Tensor, targets: Targets = None, normalize: bool = True) -> Explanation:
         """Like calling the explainer, but also returns the logits and the targets explained."""
         check_images(images)
+        images = as_model_dtype(images, self.model)
         if images.is_inference():  # e.g. a batch prepared under inference_mode
             images = images.clone()
         with evaluation_mode(self.model):
