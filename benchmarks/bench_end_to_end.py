@@ -15,10 +15,10 @@ import torch
 from torch.utils.data import Subset, TensorDataset
 
 from benchmarks.conftest import full_size
-from explainkit.card import ModelCard
-from explainkit.data import load_split
-from explainkit.explain import scan
+from explainkit.data.datasets import load_split
 from explainkit.explainers.gradient import GradCAM
+from explainkit.jobs.explain import scan
+from explainkit.models.card import ModelCard
 from explainkit.training.device_data import DeviceSplit, decode_image_folder, normalize
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-jpeg.tar.gz"

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from explainkit.models import resnet18_cifar
+from explainkit.models.store import resnet18_cifar
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 

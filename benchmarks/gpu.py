@@ -37,7 +37,7 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from explainkit.models import save_model  # noqa: E402
+from explainkit.models.store import save_model  # noqa: E402
 from explainkit.training.recipes import resolve_recipe  # noqa: E402
 from explainkit.training.trainer import load_device_splits, train  # noqa: E402
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from benchmarks import cases
-from explainkit.models import resnet18_cifar
+from explainkit.models.store import resnet18_cifar
 
 
 def _status_kib(field: str) -> int:

@@ -94,7 +94,7 @@ def profile(device: torch.device, out: Path, batch: int) -> None:
     from torch.profiler import profile as torch_profile
 
     from explainkit.explainers.gradient import GradCAM
-    from explainkit.models import resnet18_cifar
+    from explainkit.models.store import resnet18_cifar
 
     model = resnet18_cifar(10).eval().to(device)
     images = torch.randn(batch, 3, 32, 32, device=device)

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from explainkit.io import atomic_path
+from explainkit.runtime.io import atomic_path
 
 
 def machine_description() -> str:

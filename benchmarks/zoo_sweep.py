@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from explainkit.commands.layers import layer_table
+from explainkit.cli.layers import layer_table
 from explainkit.explainers.gradient import GradCAM
-from explainkit.layers import default_layer_and_reason, dry_input_size, trace_layers
+from explainkit.models.layers import default_layer_and_reason, dry_input_size, trace_layers
 
 PAGE = Path(__file__).resolve().parents[1] / "docs" / "supported-models.md"
 MAX_PARAMETERS = 140e6  # the sweep's size limit (random weights, batch of 2, CPU): every VGG, not the largest RegNet/ViTs
@@ -174,7 +174,7 @@ def page(results: list[ZooResult]) -> str:
         "finite maps of the input size that vary over the image; the default is the layer `explainkit layers`",
         f"marks. torchvision: every classifier up to {MAX_PARAMETERS / 1e6:.0f}M parameters; timm: the smallest variant",
         "of each family listed. The default layer is chosen from one dry forward of the model",
-        "(`explainkit.layers`): a layer measured for the model card, the last block's first norm of a plain",
+        "(`explainkit.models.layers`): a layer measured for the model card, the last block's first norm of a plain",
         "vision transformer, the last stage timm declares in `feature_info`, a last stage by its conventional",
         "name, else the last module whose output is a feature map. `--layer` picks another. A model where",
         "no rule finds a feature map is a one-line `LayerNotFoundError` asking for `--layer`, never a guess.",

@@ -10,7 +10,6 @@ Example:
     >>> top5 = explainkit.get_explainer("gradcam", vit)(vit.card.preprocess(pil_image), targets=("topk", 5))
 """
 
-from explainkit.card import ModelCard
 from explainkit.errors import (
     CheckpointError,
     DataError,
@@ -21,13 +20,14 @@ from explainkit.errors import (
     UnknownExplainerError,
 )
 from explainkit.hookspecs import hookimpl
-from explainkit.maps_store import load_maps
-from explainkit.model_specs import load_spec
-from explainkit.models import build_model, load_model, model_card, save_model
+from explainkit.jobs.maps_store import load_maps
+from explainkit.models.card import ModelCard
+from explainkit.models.sources import load_spec
+from explainkit.models.store import build_model, load_model, model_card, save_model
 from explainkit.plugins import plugin_manager
 from explainkit.registry import get_explainer, list_explainers
 
-__version__ = "0.1.0"
+from explainkit._version import __version__
 
 __all__ = [
     "CheckpointError",

@@ -118,7 +118,7 @@ def plugin_distribution(name: str) -> tuple[str, str]:
     if name in _distributions:
         return _distributions[name]
     if name == BUILTIN_NAME:
-        from explainkit import __version__
+        from explainkit._version import __version__
 
         return ("explainkit", __version__)
     return ("(registered at run time)", "")

@@ -114,7 +114,7 @@ def get_explainer(name: str, model: nn.Module, layer: str | nn.Module | None = N
         name: a registered name, e.g. ``"gradcam"`` (see :func:`list_explainers`).
         model: the classifier to explain.
         layer: dotted submodule path (``"layer4"``, ``"layer3.1.conv2"``) or the module itself;
-            ``None`` picks the default (:func:`explainkit.layers.default_layer`).
+            ``None`` picks the default (:func:`explainkit.models.layers.default_layer`).
 
     Returns:
         A callable ``explainer(images, targets=None, normalize=True)`` returning maps.

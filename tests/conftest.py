@@ -13,8 +13,8 @@ import torch
 from PIL import Image
 
 import explainkit
-from explainkit.card import CIFAR10_CLASSES, ModelCard
-from explainkit.models import resnet18_cifar, save_model
+from explainkit.models.card import CIFAR10_CLASSES, ModelCard
+from explainkit.models.store import resnet18_cifar, save_model
 from explainkit.plugins import reset_plugin_manager
 
 REPO = Path(__file__).resolve().parents[1]

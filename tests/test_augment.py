@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from explainkit.card import CIFAR10_MEAN, CIFAR10_STD
+from explainkit.models.card import CIFAR10_MEAN, CIFAR10_STD
 from explainkit.training.augment import AlbumentationsTransform, train_augmentation
 from explainkit.training.recipes import RECIPES, resolve_recipe
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from explainkit.card import ModelCard
 from explainkit.errors import CheckpointError
+from explainkit.models.card import ModelCard
 
 
 def test_round_trip_keeps_extra_fields(tmp_path):

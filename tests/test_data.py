@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from explainkit import data
-from explainkit.card import ModelCard
+from explainkit.data import datasets as data
 from explainkit.errors import DataError
+from explainkit.models.card import ModelCard
 
 
 def test_image_folder_split_loads(tiny_folder):

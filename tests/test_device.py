@@ -3,8 +3,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from explainkit.device import select_device
 from explainkit.errors import ExplainkitError
+from explainkit.runtime.device import select_device
 
 
 def test_auto_and_cpu():

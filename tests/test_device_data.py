@@ -8,7 +8,7 @@ import pytest
 import torch
 from scipy.stats import chi2_contingency
 
-from explainkit.card import CIFAR10_MEAN, CIFAR10_STD
+from explainkit.models.card import CIFAR10_MEAN, CIFAR10_STD
 from explainkit.training.augment import AlbumentationsTransform, train_augmentation
 from explainkit.training.device_data import DeviceAugment, DeviceBatches, DeviceSplit, decode_image_folder, normalize
 from explainkit.training.recipes import resolve_recipe

@@ -9,7 +9,7 @@ import torch
 
 import explainkit
 from explainkit.cli import main
-from explainkit.data import load_split
+from explainkit.data.datasets import load_split
 from explainkit.evaluation import run
 
 

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 import explainkit
-from explainkit.card import ModelCard
-from explainkit.data import load_split
-from explainkit.explain import explain_dataset, explain_images, pick_misclassified, pick_samples, scan
-from explainkit.maps_store import load_results
+from explainkit.data.datasets import load_split
+from explainkit.jobs.explain import explain_dataset, explain_images, pick_misclassified, pick_samples, scan
+from explainkit.jobs.maps_store import load_results
+from explainkit.models.card import ModelCard
 
 
 def test_pick_samples_prefers_distinct_classes():

@@ -16,8 +16,8 @@ import pytest
 from PIL import Image
 
 import explainkit
-from explainkit.card import CIFAR10_CLASSES
-from explainkit.maps_store import STORE_NAME, MapsStore, load_results
+from explainkit.jobs.maps_store import STORE_NAME, MapsStore, load_results
+from explainkit.models.card import CIFAR10_CLASSES
 from tests.conftest import REPO
 
 METHODS = "gradcam,gradcam++"

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from explainkit.errors import ImageReadError
-from explainkit.images import read_image, to_rgb_uint8
+from explainkit.runtime.images import read_image, to_rgb_uint8
 
 SIZE = (32, 32)
 

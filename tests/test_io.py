@@ -7,7 +7,7 @@ import os
 import pytest
 
 from explainkit.errors import ExplainkitError
-from explainkit.io import atomic_path, ensure_writable_dir, write_json
+from explainkit.runtime.io import atomic_path, ensure_writable_dir, write_json
 
 
 def test_atomic_path_leaves_nothing_on_failure(tmp_path):

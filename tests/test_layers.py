@@ -8,7 +8,7 @@ import torch.nn as nn
 
 from explainkit.errors import LayerNotFoundError
 from explainkit.explainers.gradient import GradCAM
-from explainkit.layers import LayerTrace, default_layer, default_layer_and_reason, resolve_layer, trace_layers
+from explainkit.models.layers import LayerTrace, default_layer, default_layer_and_reason, resolve_layer, trace_layers
 
 
 def test_default_layer_for_resnet_and_others(random_model):
@@ -26,8 +26,8 @@ def test_default_layer_for_resnet_and_others(random_model):
 def test_resnet18_cifar_card_gets_its_measured_layer(random_model):
     import copy
 
-    from explainkit.card import ModelCard
-    from explainkit.layers import default_layer_and_reason
+    from explainkit.models.card import ModelCard
+    from explainkit.models.layers import default_layer_and_reason
 
     carded = copy.deepcopy(random_model)
     carded.card = ModelCard()  # architecture resnet18-cifar
@@ -175,7 +175,7 @@ def test_default_layer_per_family_gives_maps_that_are_not_flat(family):
     import torch
 
     from explainkit.explainers.gradient import GradCAM
-    from explainkit.layers import default_layer_and_reason
+    from explainkit.models.layers import default_layer_and_reason
 
     build, expected, size = FAMILIES[family]
     torch.manual_seed(0)

@@ -13,7 +13,7 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 from explainkit.errors import LayerNotFoundError
 from explainkit.explainers.gradient import GradCAM, GradCAMPlusPlus
-from explainkit.layouts import Layout, infer_layout
+from explainkit.models.layouts import Layout, infer_layout
 from tests.conftest import correlation
 
 

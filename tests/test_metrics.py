@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from explainkit.card import ModelCard
 from explainkit.evaluation import metrics
+from explainkit.models.card import ModelCard
 
 H = W = 16
 CARD = ModelCard(input_size=[3, H, W])

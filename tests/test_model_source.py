@@ -13,8 +13,8 @@ import torch.nn as nn
 import torchvision
 from PIL import Image
 
-from explainkit.card import CIFAR10_CLASSES
 from explainkit.cli import main
+from explainkit.models.card import CIFAR10_CLASSES
 from tests.conftest import save_tiny_hf_vit
 
 

@@ -12,7 +12,7 @@ import torch.nn as nn
 import torchvision
 
 from explainkit.errors import CheckpointError, ExplainkitError
-from explainkit.model_specs import ModelSpec, ModelSpecError, load_spec, parse_spec, read_classes
+from explainkit.models.sources import ModelSpec, ModelSpecError, load_spec, parse_spec, read_classes
 from tests.conftest import save_tiny_hf_vit
 
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torchvision
 
-from explainkit.model_split import SplitError, split_at_layer
+from explainkit.models.split import SplitError, split_at_layer
 
 
 @pytest.mark.parametrize("layer", ["layer4", "layer3", "layer4.1.conv2", "layer2.0", "conv1"])

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import explainkit
-from explainkit.card import ModelCard
 from explainkit.errors import CheckpointError, ExplainkitError
-from explainkit.models import build_model, newest_model, require_model_path, resnet18_cifar, save_model
+from explainkit.models.card import ModelCard
+from explainkit.models.store import build_model, newest_model, require_model_path, resnet18_cifar, save_model
 
 
 def test_resnet18_cifar_stem():

@@ -10,7 +10,7 @@ import torch.nn as nn
 
 import explainkit
 from explainkit.errors import ExplainkitError
-from explainkit.outputs import logits_of
+from explainkit.models.outputs import logits_of
 
 
 class Wrapped(nn.Module):

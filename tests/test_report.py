@@ -11,7 +11,7 @@ from PIL import Image
 
 from explainkit.cli import main
 from explainkit.errors import ExplainkitError
-from explainkit.report import build_report, write_report
+from explainkit.jobs.report import build_report, write_report
 
 
 def _png(path, color="red"):

@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import torch
 
-from explainkit.training.reports import curves_figure
-from explainkit.visualize import confusion_figure, normalized_confusion, save_figure
+from explainkit.figures import confusion_figure, normalized_confusion, save_figure
+from explainkit.training.figures import curves_figure
 
 
 def test_confusion_rows_sum_to_one():

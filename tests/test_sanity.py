@@ -31,7 +31,7 @@ def test_randomization_leaves_the_model_alone(random_model):
 
 
 def test_gradcam_decorrelates_once_layer4_is_random(trained_model, cifar_dir):
-    from explainkit.data import load_split
+    from explainkit.data.datasets import load_split
 
     dataset = load_split("test", trained_model.card, cifar_dir)
     images = torch.stack([dataset[i][0] for i in range(0, 10000, 250)])

@@ -13,8 +13,8 @@ from urllib.parse import urlparse
 import pytest
 import torch
 
-from explainkit.data import load_split
-from explainkit.workbench import Workbench
+from explainkit.app.workbench import Workbench
+from explainkit.data.datasets import load_split
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium package (apt-get install chromium)")
@@ -38,7 +38,7 @@ def browser():
 @pytest.fixture(scope="module")
 def served(random_model, tiny_folder):
     pytest.importorskip("gradio", reason="needs gradio (explainkit[ui])")
-    from explainkit.serve import launch
+    from explainkit.app.ui import launch
 
     torch.manual_seed(0)
     bench = Workbench(random_model, torch.device("cpu"))
@@ -102,8 +102,8 @@ def test_app_compares_methods_reblends_and_survives_a_corrupt_upload(browser, se
 
 def test_report_opens_from_disk_with_no_network_request(browser, random_model, tiny_folder, tmp_path):
     import explainkit
-    from explainkit.card import ModelCard
-    from explainkit.explain import explain_dataset
+    from explainkit.jobs.explain import explain_dataset
+    from explainkit.models.card import ModelCard
 
     explainers = {name: explainkit.get_explainer(name, random_model) for name in ("gradcam", "layercam")}
     dataset = load_split("test", ModelCard(), tiny_folder)

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from explainkit.explainers.base import Explainer, class_sets, resolve_targets
-from explainkit.outputs import logits_of
+from explainkit.models.outputs import logits_of
 
 BASELINES = ("random", "random-pixel", "center")
 BASELINE_PREFIX = "baseline:"  # their key in results, apart from any registered method's name

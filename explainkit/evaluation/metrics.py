@@ -15,8 +15,8 @@ import torch
 import torch.nn as nn
 import torchvision.transforms.functional as TF
 
-from explainkit.card import ModelCard
-from explainkit.outputs import LogitsOnly, logits_of
+from explainkit.models.card import ModelCard
+from explainkit.models.outputs import LogitsOnly, logits_of
 
 BLUR_KERNEL, BLUR_SIGMA = 11, 5.0
 ROAD_PERCENTILES = (10, 20, 30, 40, 50, 60, 70, 80, 90)

@@ -11,12 +11,12 @@ import torch.nn as nn
 from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
-from explainkit.card import ModelCard
 from explainkit.errors import ExplainkitError
 from explainkit.evaluation import metrics, synthetic
 from explainkit.evaluation.baselines import BASELINE_PREFIX, BASELINES, make_baseline
 from explainkit.evaluation.sanity import cascading_randomization
-from explainkit.outputs import logits_of
+from explainkit.models.card import ModelCard
+from explainkit.models.outputs import logits_of
 
 SCHEMA_VERSION = 1
 LOWER_IS_BETTER = {"deletion_auc", "average_drop", "road_morf"}

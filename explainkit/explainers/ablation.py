@@ -11,9 +11,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from explainkit.explainers.perturbation import AboveLayer, LayerPass, PerturbationCAM
-from explainkit.layouts import Layout
-from explainkit.model_split import SplitError, split_at_layer
-from explainkit.outputs import logits_of
+from explainkit.models.layouts import Layout
+from explainkit.models.outputs import logits_of
+from explainkit.models.split import SplitError, split_at_layer
 
 ABLATION_OFFSET = 1e7  # pytorch-grad-cam's value below the minimum for layers with negative outputs
 
@@ -30,7 +30,7 @@ class AblationCAM(PerturbationCAM):
 
     Cost: one forward per channel per image of **only the part of the model above the layer**
     (for ResNet18's ``layer4``: the pooling and the classifier), no backward. The model is cut at
-    the layer with :mod:`torch.fx` (:mod:`explainkit.model_split`); pytorch-grad-cam instead runs
+    the layer with :mod:`torch.fx` (:mod:`explainkit.models.split`); pytorch-grad-cam instead runs
     the whole network for every channel. Models fx cannot trace fall back to full forwards with
     the layer's output replaced (with a warning). The ablated forwards give every class's score,
     so ``targets="all"`` costs what one target costs. Prefer it for gradient-free maps at a

@@ -18,8 +18,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from explainkit.errors import ExplainkitError
-from explainkit.layers import resolve_layer
-from explainkit.model_modes import evaluation_mode
+from explainkit.models.layers import resolve_layer
+from explainkit.models.modes import evaluation_mode
 
 Targets = Union[None, int, str, Sequence[int], torch.Tensor, tuple[str, int]]
 ALL = "all"
@@ -199,7 +199,7 @@ class Explainer(ABC):
 
     Args:
         model: the classifier; it is run in eval mode during a call and its modes restored after.
-        layer: dotted submodule path or module; ``None`` = :func:`explainkit.layers.default_layer`.
+        layer: dotted submodule path or module; ``None`` = :func:`explainkit.models.layers.default_layer`.
 
     ``images`` must be finite (NaN or Inf is an :class:`~explainkit.errors.ExplainkitError` naming
     the images) and are cast to the dtype of the model's parameters.

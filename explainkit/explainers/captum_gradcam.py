@@ -6,7 +6,7 @@ import torch
 
 from explainkit.errors import ExplainkitError
 from explainkit.explainers.base import Explainer, Targets, class_sets, resolve_targets
-from explainkit.outputs import logits_of
+from explainkit.models.outputs import logits_of
 
 
 class CaptumGradCAM(Explainer):

@@ -7,7 +7,7 @@ import torch.nn as nn
 
 from explainkit.explainers.base import Explainer, Targets, class_sets, resolve_targets
 from explainkit.explainers.gradient import forward_with_activations
-from explainkit.layouts import Layout, resolve_layout
+from explainkit.models.layouts import Layout, resolve_layout
 
 
 class EigenCAM(Explainer):

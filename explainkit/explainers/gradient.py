@@ -22,8 +22,8 @@ import torch.nn.functional as F
 
 from explainkit.errors import ExplainkitError
 from explainkit.explainers.base import ALL, Explainer, Targets, class_sets, resolve_targets
-from explainkit.layouts import Layout, resolve_layout
-from explainkit.outputs import logits_of
+from explainkit.models.layouts import Layout, resolve_layout
+from explainkit.models.outputs import logits_of
 
 
 @contextmanager
@@ -100,7 +100,7 @@ class GradientCAM(Explainer):
         autocast: optional dtype (e.g. ``torch.bfloat16``) to run the model under
             ``torch.autocast`` on the images' device; the CAM itself is computed in float32.
         layout: how the layer's output maps to ``(N, C, h, w)``
-            (:class:`~explainkit.layouts.Layout`); default: read off the model or inferred, so
+            (:class:`~explainkit.models.layouts.Layout`); default: read off the model or inferred, so
             ViT token sequences and Swin's channels-last stages work without a reshape function.
         class_chunk: classes per batched backward for ``"all"`` and top-k: the gradients held at
             once are ``class_chunk x N x`` the layer's output, so a 1000-class model's

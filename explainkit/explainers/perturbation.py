@@ -20,7 +20,7 @@ import torch.nn as nn
 from explainkit.errors import ExplainkitError
 from explainkit.explainers.base import Explainer, Targets, class_sets, resolve_targets
 from explainkit.explainers.gradient import forward_with_activations
-from explainkit.layouts import Layout, resolve_layout
+from explainkit.models.layouts import Layout, resolve_layout
 
 AboveLayer = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -32,7 +32,7 @@ class LayerPass:
     images: the input ``(N, C_in, H, W)``. logits: the model's ``(N, K)`` scores.
     output: the layer's output in its own layout. layout: how ``output`` maps to channels-first.
     activations: ``(N, C, h, w)`` float32. above: when the method ran the model as two parts
-    (:mod:`explainkit.model_split`), ``above(layer_outputs, owners) -> logits`` runs only the part
+    (:mod:`explainkit.models.split`), ``above(layer_outputs, owners) -> logits`` runs only the part
     above the layer for layer outputs of the images ``owners``; else ``None``.
     """
 

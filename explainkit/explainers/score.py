@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from explainkit.explainers.perturbation import LayerPass, PerturbationCAM
-from explainkit.outputs import logits_of
+from explainkit.models.outputs import logits_of
 
 
 class ScoreCAM(PerturbationCAM):

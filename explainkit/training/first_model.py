@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 
-from explainkit.io import ensure_writable_dir
-from explainkit.models import models_dir
+from explainkit.models.store import models_dir
+from explainkit.runtime.io import ensure_writable_dir
 from explainkit.training.recipes import resolve_recipe
 
 STORE_FOLDER = "resnet18-cifar10"  # train's default --out inside the store

@@ -16,7 +16,7 @@ from torch_lr_finder import LRFinder
 from torch_lr_finder.lr_finder import TrainDataLoaderIter
 
 from explainkit.errors import ExplainkitError
-from explainkit.visualize import save_figure
+from explainkit.figures import save_figure
 
 START_LR = 1e-7
 END_LR = 10.0

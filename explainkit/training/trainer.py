@@ -24,13 +24,13 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset
 from torch.utils.data.distributed import DistributedSampler
 from tqdm.auto import tqdm
 
-from explainkit.card import ModelCard
-from explainkit.data import check_image_folder, data_dir_from_env, dataset_size, eval_transform, open_split
-from explainkit.distributed import DistContext, init_distributed
+from explainkit.data.datasets import check_image_folder, data_dir_from_env, dataset_size, eval_transform, open_split
 from explainkit.errors import DataError, ExplainkitError
-from explainkit.io import atomic_path
-from explainkit.models import resnet18_cifar, save_model
-from explainkit.training import reports
+from explainkit.models.card import ModelCard
+from explainkit.models.store import resnet18_cifar, save_model
+from explainkit.runtime.distributed import DistContext, init_distributed
+from explainkit.runtime.io import atomic_path
+from explainkit.training import figures as reports
 from explainkit.training.augment import AlbumentationsTransform, train_augmentation
 from explainkit.training.device_data import (
     DeviceAugment,

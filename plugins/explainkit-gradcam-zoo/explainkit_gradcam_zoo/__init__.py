@@ -19,7 +19,7 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 import explainkit
 from explainkit.explainers.base import Explainer, class_sets, resolve_targets
-from explainkit.outputs import logits_of
+from explainkit.models.outputs import logits_of
 
 # Methods explainkit has natively keep pytorch-grad-cam's version under a "pgc-" name (a reference
 # to compare against, and no clash); the others keep their plain names until explainkit has them.

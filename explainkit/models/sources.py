@@ -1,7 +1,7 @@
 """Any image classifier from a model spec: ``torchvision:NAME``, ``timm:NAME``, ``hf:DIR`` or
 ``package.module:callable``, with its class names and preprocessing read from the library.
 
-:func:`load_spec` returns the model in eval mode with a :class:`~explainkit.card.ModelCard` as
+:func:`load_spec` returns the model in eval mode with a :class:`~explainkit.models.card.ModelCard` as
 ``model.card`` (like :func:`explainkit.models.load_model`), so everything downstream (explain,
 evaluate, figures) treats it like explainkit's own models.
 
@@ -33,8 +33,8 @@ from typing import Any, Iterator, Sequence
 import torch
 import torch.nn as nn
 
-from explainkit.card import IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS, ModelCard
 from explainkit.errors import CheckpointError, ExplainkitError
+from explainkit.models.card import IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS, ModelCard
 
 KINDS = ("torchvision", "timm", "hf")
 DEFAULT_WEIGHTS = "DEFAULT"
@@ -131,7 +131,7 @@ def _classifier_outputs(state: dict[str, torch.Tensor], model: nn.Module) -> int
 
 
 def _read_weights(path: str | Path) -> dict[str, torch.Tensor]:
-    from explainkit.models import _read_state_dict
+    from explainkit.models.store import _read_state_dict
 
     return _read_state_dict(Path(path))
 
@@ -320,7 +320,7 @@ LOADERS = {"torchvision": _torchvision, "timm": _timm, "hf": _hf, "callable": _c
 
 def _num_classes(model: nn.Module, size: tuple[int, int], channels: int = 3) -> int:
     """The model's output width, from one dummy forward (the only generic way across libraries)."""
-    from explainkit.outputs import logits_of
+    from explainkit.models.outputs import logits_of
 
     with torch.no_grad():
         training = model.training

@@ -26,8 +26,8 @@ import torch
 import torch.nn as nn
 
 from explainkit.errors import LayerNotFoundError
-from explainkit.layouts import infer_layout
-from explainkit.model_modes import evaluation_mode
+from explainkit.models.layouts import infer_layout
+from explainkit.models.modes import evaluation_mode
 
 # Top-level names of a CNN's last stage: ResNets (torchvision, timm), torchvision's RegNet,
 # torchvision's VGG/DenseNet/MobileNet/EfficientNet/ConvNeXt/Swin, timm's ConvNeXt/Swin/EfficientNet/RegNet.

@@ -11,8 +11,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision import datasets, transforms
 
-from explainkit.card import CIFAR10_CLASSES, ModelCard
 from explainkit.errors import DataError
+from explainkit.models.card import CIFAR10_CLASSES, ModelCard
 
 SPLITS = ("train", "test")
 

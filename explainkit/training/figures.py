@@ -10,9 +10,9 @@ import torch.nn as nn
 from matplotlib.figure import Figure
 from torch.utils.data import Dataset, Subset
 
-from explainkit.card import ModelCard
-from explainkit.data import dataset_size
-from explainkit.visualize import CELL, confusion_figure, save_figure
+from explainkit.data.datasets import dataset_size
+from explainkit.figures import CELL, confusion_figure, save_figure
+from explainkit.models.card import ModelCard
 
 
 def curves_figure(history: Sequence[dict[str, float]]) -> Figure:

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import torch.nn as nn
 
-from explainkit.card import ModelCard
-from explainkit.data import check_image_folder, data_dir_from_env
-from explainkit.device import select_device
-from explainkit.io import ensure_writable_dir
+from explainkit.data.datasets import check_image_folder, data_dir_from_env
+from explainkit.models.card import ModelCard
+from explainkit.runtime.device import select_device
+from explainkit.runtime.io import ensure_writable_dir
 from explainkit.training.first_model import STORE_FOLDER
 from explainkit.training.recipes import resolve_recipe
 
@@ -19,7 +19,7 @@ DEFAULT_OUT = Path("models") / STORE_FOLDER
 
 
 def default_train_out(models_dir: str | None) -> Path:
-    from explainkit.models import models_dir as store
+    from explainkit.models.store import models_dir as store
 
     return store(models_dir) / DEFAULT_OUT.name
 
@@ -63,7 +63,7 @@ def run_lr_find(args: argparse.Namespace) -> int:
     import torch
     from torch.utils.data import DataLoader
 
-    from explainkit.models import resnet18_cifar
+    from explainkit.models.store import resnet18_cifar
     from explainkit.training.lr_find import find_lr
     from explainkit.training.trainer import limit_dataset, load_datasets, make_optimizer
 

@@ -13,9 +13,9 @@ import torch
 import torch.nn as nn
 import torchvision
 
-from explainkit.card import ModelCard
 from explainkit.errors import CheckpointError, ExplainkitError
-from explainkit.io import atomic_path, write_json
+from explainkit.models.card import ModelCard
+from explainkit.runtime.io import atomic_path, write_json
 
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth")
 
@@ -77,7 +77,7 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> nn
         map_location: device for the returned model.
 
     Returns:
-        The model in eval mode, with its :class:`~explainkit.card.ModelCard` as ``model.card``.
+        The model in eval mode, with its :class:`~explainkit.models.card.ModelCard` as ``model.card``.
         Without a card, the CIFAR-10 ResNet18 card is assumed (with a warning).
 
     Example:

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from explainkit import visualize
+from explainkit import figures
 
 CLASSES = [f"c{i}" for i in range(4)]
 
@@ -15,7 +15,7 @@ def test_overlay_blends_image_and_heat():
     image = torch.zeros(3, 8, 8)
     cam = torch.zeros(8, 8)
     cam[0, 0] = 1
-    blended = visualize.overlay(image, cam)
+    blended = figures.overlay(image, cam)
     assert blended.shape == (8, 8, 3) and blended.min() >= 0 and blended.max() <= 1
     assert not np.allclose(blended[0, 0], blended[7, 7])  # hot vs cold colour
 
@@ -24,18 +24,16 @@ def test_grids_write_pngs(tmp_path):
     images, maps = torch.rand(2, 3, 16, 16), torch.rand(2, 4, 16, 16)
     probs = torch.softmax(torch.randn(2, 4), 1)
     paths = [
-        visualize.save_figure(visualize.per_class_grid(images, maps, probs, CLASSES), tmp_path / "a.png"),
-        visualize.save_figure(
-            visualize.misclassified_grid(images, maps[:, 0], maps[:, 1], [0, 1], [2, 3], [0.9, 0.5], CLASSES, 7, 100),
+        figures.save_figure(figures.per_class_grid(images, maps, probs, CLASSES), tmp_path / "a.png"),
+        figures.save_figure(
+            figures.misclassified_grid(images, maps[:, 0], maps[:, 1], [0, 1], [2, 3], [0.9, 0.5], CLASSES, 7, 100),
             tmp_path / "b.png",
         ),
-        visualize.save_figure(
-            visualize.misclassified_grid(torch.empty(0), torch.empty(0), torch.empty(0), [], [], [], CLASSES, 0, 10),
+        figures.save_figure(
+            figures.misclassified_grid(torch.empty(0), torch.empty(0), torch.empty(0), [], [], [], CLASSES, 0, 10),
             tmp_path / "c.png",
         ),
-        visualize.save_figure(
-            visualize.methods_grid(images, {"m1": maps[:, 0], "m2": maps[:, 1]}, ["x", "y"]), tmp_path / "d.png"
-        ),
+        figures.save_figure(figures.methods_grid(images, {"m1": maps[:, 0], "m2": maps[:, 1]}, ["x", "y"]), tmp_path / "d.png"),
     ]
     for path in paths:
         with Image.open(path) as image:
@@ -50,7 +48,7 @@ def test_importing_explainkit_leaves_matplotlib_alone():
 
     code = (
         "import sys, matplotlib; matplotlib.use('svg'); "
-        "import explainkit, explainkit.visualize, explainkit.explain, explainkit.training.reports, explainkit.evaluation.run; "
+        "import explainkit, explainkit.figures, explainkit.jobs.explain, explainkit.training.figures, explainkit.evaluation.run; "
         "assert matplotlib.get_backend() == 'svg', matplotlib.get_backend(); "
         "assert 'matplotlib.pyplot' not in sys.modules"
     )

@@ -109,7 +109,7 @@ class ModelCard:
         Example:
             >>> batch = model.card.preprocess(PIL.Image.open("cat.jpg"))
         """
-        from explainkit.images import to_rgb_uint8
+        from explainkit.runtime.images import to_rgb_uint8
 
         items: Iterable[Any]
         if isinstance(images, np.ndarray) and images.ndim == 4:

@@ -1,6 +1,6 @@
 """What ``explainkit serve`` works on, without any web framework: a model, a pool of images
 (the test split, scanned once for predictions, plus uploads), and a thread-safe cache of maps keyed
-by (image, method, layer, class). The web app (:mod:`explainkit.serve`) only lays this out.
+by (image, method, layer, class). The web app (:mod:`explainkit.app.ui`) only lays this out.
 """
 
 from __future__ import annotations
@@ -17,14 +17,14 @@ import torch
 import torch.nn as nn
 from torch.utils.data import Dataset
 
-from explainkit.data import dataset_size, make_loader
+from explainkit.data.datasets import dataset_size, make_loader
 from explainkit.errors import ExplainkitError, ImageReadError
 from explainkit.evaluation import metrics
 from explainkit.explainers.base import ALL, Explainer, ExplainerFn, evaluation_mode
-from explainkit.images import read_image
-from explainkit.models import model_card
-from explainkit.outputs import logits_of
+from explainkit.models.outputs import logits_of
+from explainkit.models.store import model_card
 from explainkit.registry import get_explainer, list_explainers
+from explainkit.runtime.images import read_image
 
 UPLOAD_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 MAX_UPLOAD_BYTES = 10 * 2**20
@@ -222,7 +222,7 @@ class Workbench:
         }
 
     def layer_choices(self) -> list[str]:
-        from explainkit.layers import candidate_layers, default_layer
+        from explainkit.models.layers import candidate_layers, default_layer
 
         default = default_layer(self.model)
         names = [name for name in candidate_layers(self.model) if name.count(".") == 0]

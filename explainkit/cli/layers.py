@@ -7,10 +7,10 @@ import argparse
 import torch
 import torch.nn as nn
 
-from explainkit.commands.model_source import check_spec_flags, load_spec_model
+from explainkit.cli.flags import check_spec_flags, load_spec_model
 from explainkit.errors import ExplainkitError
-from explainkit.layers import BLOCK_NORMS, default_layer_and_reason, trace_layers
-from explainkit.models import load_model, model_card, require_model_path
+from explainkit.models.layers import BLOCK_NORMS, default_layer_and_reason, trace_layers
+from explainkit.models.store import load_model, model_card, require_model_path
 
 
 def _listed(name: str, module: nn.Module, everything: bool) -> bool:

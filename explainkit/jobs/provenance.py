@@ -32,11 +32,11 @@ def provenance(model_file: str | Path | None = None) -> dict[str, Any]:
     the command, the model file's sha256 (when it is a file) and the UTC time."""
     import torch
 
-    import explainkit
+    from explainkit._version import __version__
     from explainkit.plugins import describe_plugins
 
     record: dict[str, Any] = {
-        "explainkit": explainkit.__version__,
+        "explainkit": __version__,
         "torch": torch.__version__,
         "python": platform.python_version(),
         "plugins": {p["name"]: f"{p['distribution']} {p['version']}".strip() for p in describe_plugins()},

@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from explainkit.commands.model_source import add_spec_flags, check_spec_flags, load_spec_model
-from explainkit.data import data_dir_from_env, load_split
-from explainkit.device import select_device
+from explainkit.cli.flags import add_spec_flags, check_spec_flags, load_spec_model
+from explainkit.data.datasets import data_dir_from_env, load_split
 from explainkit.errors import DataError
-from explainkit.models import load_model, require_model_path
+from explainkit.models.store import load_model, require_model_path
+from explainkit.runtime.device import select_device
 
 
 def add_serve_parser(sub, positive_int, device_choices) -> None:
@@ -31,8 +31,8 @@ def add_serve_parser(sub, positive_int, device_choices) -> None:
 
 def run_serve(args: argparse.Namespace) -> int:
     check_spec_flags(args)
-    from explainkit.serve import _gradio, launch
-    from explainkit.workbench import Workbench
+    from explainkit.app.ui import _gradio, launch
+    from explainkit.app.workbench import Workbench
 
     _gradio()  # a missing extra fails before the model loads
     device = select_device(args.device)

@@ -10,8 +10,8 @@ import torch
 import torch.nn as nn
 
 from explainkit.errors import ExplainkitError
-from explainkit.layers import default_layer_and_reason
-from explainkit.models import model_card
+from explainkit.models.layers import default_layer_and_reason
+from explainkit.models.store import model_card
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -57,7 +57,7 @@ def check_spec_flags(args: argparse.Namespace) -> None:
 
 def load_spec_model(args: argparse.Namespace, device: torch.device) -> nn.Module:
     """The ``--model`` classifier with its card, on ``device``."""
-    from explainkit.model_specs import load_spec
+    from explainkit.models.sources import load_spec
 
     model = load_spec(
         args.model,

@@ -9,15 +9,15 @@ from pathlib import Path
 
 import torch
 
-from explainkit.commands.model_source import announce, check_spec_flags, load_spec_model
-from explainkit.data import data_dir_from_env, dataset_size, load_split
-from explainkit.device import select_device
+from explainkit.cli.flags import announce, check_spec_flags, load_spec_model
+from explainkit.data.datasets import data_dir_from_env, dataset_size, load_split
 from explainkit.errors import ExplainkitError
 from explainkit.evaluation import run
-from explainkit.io import ensure_writable_dir, write_json
-from explainkit.models import load_model, model_card, require_model_path
+from explainkit.figures import save_figure
+from explainkit.models.store import load_model, model_card, require_model_path
 from explainkit.registry import parse_methods, require_explainer
-from explainkit.visualize import save_figure
+from explainkit.runtime.device import select_device
+from explainkit.runtime.io import ensure_writable_dir, write_json
 
 FAITHFULNESS_COLUMNS = ["deletion_auc", "insertion_auc", "average_drop", "increase_in_confidence", "road_morf", "road_lerf"]
 SKIPPABLE = ("deletion", "confidence", "road", "sanity")
@@ -45,7 +45,7 @@ def add_evaluate_parser(sub, positive_int, device_choices) -> None:
     evaluate.add_argument("--seed", type=int, default=0, help="random seed for baselines, tie orders and bootstrap (default 0)")
     evaluate.add_argument("--skip", default="", help=f"comma-separated parts to skip: {', '.join(SKIPPABLE)}")
     evaluate.add_argument("--synthetic", action="store_true", help="the ground-truth localisation benchmark instead")
-    from explainkit.commands.model_source import add_spec_flags
+    from explainkit.cli.flags import add_spec_flags
 
     add_spec_flags(evaluate, positive_int)
 
@@ -78,7 +78,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         out = ensure_writable_dir(args.out)
         backgrounds = None
         if data_dir_from_env(args.data_dir) is not None:
-            from explainkit.card import ModelCard
+            from explainkit.models.card import ModelCard
 
             card = ModelCard()
             split = load_split("test", card, args.data_dir)

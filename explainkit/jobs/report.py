@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from explainkit.errors import ExplainkitError
-from explainkit.io import atomic_path
+from explainkit.runtime.io import atomic_path
 
 REPORT_NAME = "report.html"
 

@@ -1,4 +1,4 @@
-"""``explainkit serve``: a local web app (Gradio Blocks) over a :class:`~explainkit.workbench.Workbench`.
+"""``explainkit serve``: a local web app (Gradio Blocks) over a :class:`~explainkit.app.workbench.Workbench`.
 
 Pick test images (filter by true/predicted class, correct/wrong, confusion pair; sort by
 confidence) or upload files; compare any registered methods and layers on them with one colour
@@ -14,8 +14,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from explainkit.app.workbench import COLORMAPS, MAX_UPLOAD_BYTES, Item, Workbench
 from explainkit.errors import ExplainkitError
-from explainkit.workbench import COLORMAPS, MAX_UPLOAD_BYTES, Item, Workbench
 
 GALLERY_SIZE = 60
 MAX_SELECTED = 8

@@ -13,8 +13,8 @@ import sys
 import warnings
 from typing import Sequence
 
-from explainkit.device import DEVICE_CHOICES
 from explainkit.errors import ExplainkitError
+from explainkit.runtime.device import DEVICE_CHOICES
 
 
 class _Parser(argparse.ArgumentParser):
@@ -59,7 +59,7 @@ def _add_model_flags(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--batch-size", type=_positive_int, default=128, help="images per forward (default 128)")
     parser.add_argument("--device", choices=DEVICE_CHOICES, default="auto", help="default: cuda, else mps, else cpu")
-    from explainkit.commands.model_source import add_spec_flags
+    from explainkit.cli.flags import add_spec_flags
 
     add_spec_flags(parser, _positive_int)
 
@@ -96,11 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_flags(explain)
 
     explain.add_argument("--no-train", action="store_true", help="with no model anywhere, fail instead of training a quick one")
-    from explainkit.commands.train import add_train_parser
+    from explainkit.cli.train import add_train_parser
 
     add_train_parser(sub, _positive_int, DEVICE_CHOICES)
 
-    from explainkit.commands.evaluate import add_evaluate_parser
+    from explainkit.cli.evaluate import add_evaluate_parser
 
     add_evaluate_parser(sub, _positive_int, DEVICE_CHOICES)
 
@@ -108,11 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
     layers.add_argument("--checkpoint", help="model weights with a .json card; default: newest under the model store")
     layers.add_argument("--models-dir", help="model store (default $EXPLAINKIT_MODELS_DIR or ./models)")
     layers.add_argument("--all", action="store_true", help="every submodule, not only stages, blocks and their norms")
-    from explainkit.commands.model_source import add_spec_flags
+    from explainkit.cli.flags import add_spec_flags
 
     add_spec_flags(layers, _positive_int)
 
-    from explainkit.commands.serve import add_serve_parser
+    from explainkit.cli.serve import add_serve_parser
 
     add_serve_parser(sub, _positive_int, DEVICE_CHOICES)
 
@@ -157,44 +157,44 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
 
 
 def _cmd_explain(args: argparse.Namespace) -> int:
-    from explainkit.commands.explain import run_explain
+    from explainkit.cli.explain import run_explain
 
     return run_explain(args)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from explainkit.commands.train import run_train
+    from explainkit.cli.train import run_train
 
     return run_train(args)
 
 
 def _cmd_lr_find(args: argparse.Namespace) -> int:
-    from explainkit.commands.train import run_lr_find
+    from explainkit.cli.train import run_lr_find
 
     return run_lr_find(args)
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from explainkit.commands.serve import run_serve
+    from explainkit.cli.serve import run_serve
 
     return run_serve(args)
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from explainkit.report import write_report
+    from explainkit.jobs.report import write_report
 
     print(write_report(args.dir, args.out))
     return 0
 
 
 def _cmd_layers(args: argparse.Namespace) -> int:
-    from explainkit.commands.layers import run_layers
+    from explainkit.cli.layers import run_layers
 
     return run_layers(args)
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from explainkit.commands.evaluate import run_evaluate
+    from explainkit.cli.evaluate import run_evaluate
 
     return run_evaluate(args)
 

@@ -15,7 +15,7 @@ import torch
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from explainkit.io import atomic_path
+from explainkit.runtime.io import atomic_path
 
 COLORMAP = "inferno"  # perceptually uniform and colour-blind safe (jet is neither)
 ALPHA = 0.5

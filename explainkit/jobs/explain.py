@@ -19,10 +19,8 @@ import torch.nn as nn
 from torch.utils.data import Dataset, Subset
 from tqdm.auto import tqdm
 
-from explainkit import visualize
-from explainkit.card import ModelCard
-from explainkit.data import dataset_size, make_loader
-from explainkit.distributed import DistContext
+from explainkit import figures
+from explainkit.data.datasets import dataset_size, make_loader
 from explainkit.errors import ExplainkitError
 from explainkit.explainers.base import (
     ALL,
@@ -36,9 +34,11 @@ from explainkit.explainers.base import (
     parse_topk,
     resolve_targets,
 )
-from explainkit.io import write_json
-from explainkit.maps_store import STORE_NAME, MapsStore
-from explainkit.outputs import logits_of
+from explainkit.jobs.maps_store import STORE_NAME, MapsStore
+from explainkit.models.card import ModelCard
+from explainkit.models.outputs import logits_of
+from explainkit.runtime.distributed import DistContext
+from explainkit.runtime.io import write_json
 
 SCHEMA_VERSION = 1
 MAX_CLASSES_SHOWN = 20  # per_class.png shows every class up to this many, else the top-k
@@ -291,7 +291,7 @@ def explain_dataset(
     """Scan ``dataset`` (``limit`` evenly spaced images, default all) and write ``per_class.png``,
     ``misclassified.png``, ``methods.png`` (several methods), ``confusion_matrix.png`` (up to 20
     classes), ``summary.json``, ``report.html`` and, with
-    ``save_maps``, every map into ``maps.zarr`` (:mod:`explainkit.maps_store`). The first method
+    ``save_maps``, every map into ``maps.zarr`` (:mod:`explainkit.jobs.maps_store`). The first method
     drives the per-class and misclassified grids.
 
     Under ``torchrun`` (``ctx`` with several ranks) the scan is sharded across ranks through the
@@ -333,7 +333,7 @@ def explain_dataset(
         batch = sample_images.to(device)
         shown = figure_targets(targets, card.num_classes)
         per_class = _explain_batch(primary, model, batch, shown)
-        figure = visualize.per_class_grid(
+        figure = figures.per_class_grid(
             card.denormalize(sample_images),
             per_class.maps.cpu(),
             per_class.probabilities.cpu(),
@@ -342,15 +342,15 @@ def explain_dataset(
             title=_per_class_title(primary_name, primary, shown),
             class_indices=_shown_classes(per_class),
         )
-        outputs.append(visualize.save_figure(figure, out / "per_class.png"))
+        outputs.append(figures.save_figure(figure, out / "per_class.png"))
         if len(explainers) > 1:
             outputs.append(_methods_figure(_explain_all_methods(explainers, model, batch), batch, card, out, sample_labels))
 
     if card.num_classes <= MAX_CLASSES_SHOWN and len(labels):
         confusion = torch.zeros(card.num_classes, card.num_classes, dtype=torch.long)
         confusion.index_put_((labels, predictions), torch.ones_like(labels), accumulate=True)
-        figure = visualize.confusion_figure(confusion, classes)
-        outputs.append(visualize.save_figure(figure, out / "confusion_matrix.png"))
+        figure = figures.confusion_figure(confusion, classes)
+        outputs.append(figures.save_figure(figure, out / "confusion_matrix.png"))
 
     wrong_indices = pick_misclassified(predictions, labels, scanned["probabilities"], misclassified)
     wrong_images, wrong_labels = _stack(dataset, wrong_indices)
@@ -361,7 +361,7 @@ def explain_dataset(
         true_maps = _explain_batch(primary, model, batch, wrong_labels.to(device)).maps.cpu()
     else:
         predicted_maps = true_maps = torch.empty(0)
-    figure = visualize.misclassified_grid(
+    figure = figures.misclassified_grid(
         card.denormalize(wrong_images) if wrong_indices else wrong_images,
         predicted_maps,
         true_maps,
@@ -373,7 +373,7 @@ def explain_dataset(
         scanned=len(labels),
         title=f"{primary_name} @ {layer_name or '-'}",
     )
-    outputs.append(visualize.save_figure(figure, out / "misclassified.png"))
+    outputs.append(figures.save_figure(figure, out / "misclassified.png"))
 
     if save_maps:
         outputs.append(out / STORE_NAME)
@@ -398,7 +398,7 @@ def explain_dataset(
 
 def _finish(out: Path, summary: dict[str, Any], outputs: list[Path]) -> ExplainResult:
     """Write ``summary.json`` and, from the folder, ``report.html``."""
-    from explainkit.report import REPORT_NAME, write_report
+    from explainkit.jobs.report import REPORT_NAME, write_report
 
     summary["outputs"] = [p.name for p in outputs] + ["summary.json", REPORT_NAME]
     write_json(out / "summary.json", summary)
@@ -421,13 +421,13 @@ def _methods_figure(
         if labels is not None:
             text += f"\ntrue {card.classes[int(labels[row])]}"
         row_labels.append(text)
-    figure = visualize.methods_grid(
+    figure = figures.methods_grid(
         card.denormalize(batch.cpu()),
         {name: result.maps.cpu() for name, result in results.items()},
         row_labels,
         title="CAM for the predicted class, by method",
     )
-    return visualize.save_figure(figure, out / "methods.png")
+    return figures.save_figure(figure, out / "methods.png")
 
 
 def explain_images(
@@ -452,8 +452,8 @@ def explain_images(
     probabilities = per_class.probabilities.cpu()
     confidence, predicted = probabilities.max(dim=1)
     outputs = [
-        visualize.save_figure(
-            visualize.per_class_grid(
+        figures.save_figure(
+            figures.per_class_grid(
                 card.denormalize(images),
                 per_class.maps.cpu(),
                 probabilities,

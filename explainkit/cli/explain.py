@@ -7,17 +7,17 @@ import sys
 
 import torch
 
-from explainkit.commands.model_source import announce, check_spec_flags, load_spec_model
-from explainkit.data import load_split
-from explainkit.device import select_device
-from explainkit.distributed import init_distributed
+from explainkit.cli.flags import announce, check_spec_flags, load_spec_model
+from explainkit.data.datasets import load_split
 from explainkit.errors import ExplainkitError
-from explainkit.explain import explain_dataset, explain_images, parse_figure_targets
-from explainkit.images import read_image
-from explainkit.io import ensure_writable_dir
-from explainkit.models import load_model, model_card, newest_model, require_model_path, resnet18_cifar
-from explainkit.provenance import provenance
+from explainkit.jobs.explain import explain_dataset, explain_images, parse_figure_targets
+from explainkit.jobs.provenance import provenance
+from explainkit.models.store import load_model, model_card, newest_model, require_model_path, resnet18_cifar
 from explainkit.registry import get_explainer, parse_methods, require_explainer
+from explainkit.runtime.device import select_device
+from explainkit.runtime.distributed import init_distributed
+from explainkit.runtime.images import read_image
+from explainkit.runtime.io import ensure_writable_dir
 from explainkit.training.first_model import train_first_model
 
 
