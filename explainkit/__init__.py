@@ -10,6 +10,7 @@ Example:
     >>> top5 = explainkit.get_explainer("gradcam", vit)(vit.card.preprocess(pil_image), targets=("topk", 5))
 """
 
+from explainkit._version import __version__
 from explainkit.errors import (
     CheckpointError,
     DataError,
@@ -26,8 +27,6 @@ from explainkit.models.sources import load_spec
 from explainkit.models.store import build_model, load_model, model_card, save_model
 from explainkit.plugins import plugin_manager
 from explainkit.registry import get_explainer, list_explainers
-
-from explainkit._version import __version__
 
 __all__ = [
     "CheckpointError",

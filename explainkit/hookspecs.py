@@ -23,11 +23,14 @@ hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
 def register_explainers(register: Callable[..., None]) -> None:
     """Register explainers (CAM methods) with explainkit.
 
-    :param register: call ``register(name, factory)`` once per explainer. ``name`` is what
-        users type after ``--method``; ``factory(model, layer=None)`` returns a callable
-        ``explainer(images, targets=None, normalize=True)`` as described in
-        :class:`explainkit.explainers.base.Explainer` (subclassing it is the easy way:
-        the class itself is then the factory).
+    :param register: call ``register(ExplainerSubclass)`` (it registers under its ``name``
+        attribute) or ``register(name, factory)`` once per explainer. ``name`` is what users
+        type after ``--method``. ``factory(model, layer=None, **options)`` returns an
+        :class:`explainkit.explainers.base.Explainer`, or a plain callable
+        ``fn(images, targets) -> (N, H, W) maps`` taking one class per image, which explainkit
+        wraps once so that ``get_explainer`` always returns an ``Explainer`` (``.explain()``
+        with logits and targets, top-k and ``"all"`` by one ``fn`` call per class column).
+        Keyword options given to ``get_explainer`` reach the factory unchanged.
     :return: nothing; all implementations are called, in plugin registration order.
         Two plugins registering the same name is an error
         (:class:`explainkit.DuplicateExplainerError`), never a silent override.

@@ -7,24 +7,38 @@ function calls), so plugins registered or unregistered at run time are always se
 from __future__ import annotations
 
 import difflib
+import inspect
 import warnings
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch.nn as nn
 
 from explainkit.errors import DuplicateExplainerError, ExplainkitError, UnknownExplainerError
-from explainkit.explainers.base import ExplainerFn
+from explainkit.explainers.base import Explainer, ExplainerFn
+from explainkit.explainers.function import function_factory
 from explainkit.plugins import plugin_manager
 
-ExplainerFactory = Callable[..., ExplainerFn]
+ExplainerFactory = Callable[..., ExplainerFn]  # an Explainer subclass, or a factory of plain map functions
 
 
 @dataclass(frozen=True)
 class Registration:
+    """One registered explainer: ``factory(model, layer=None, **options)`` always returns an
+    :class:`~explainkit.explainers.base.Explainer` (a plain-function plugin is wrapped once, here);
+    ``registered`` is what the plugin passed, ``plugin`` the plugin that registered it."""
+
     name: str
-    factory: ExplainerFactory
+    factory: Callable[..., Explainer]
     plugin: str
+    registered: ExplainerFactory
+
+
+def as_explainer_factory(name: str, factory: ExplainerFactory) -> Callable[..., Explainer]:
+    """An :class:`Explainer` subclass as is; any other factory wrapped so it returns an Explainer."""
+    if isinstance(factory, type) and issubclass(factory, Explainer):
+        return factory
+    return function_factory(name, factory)
 
 
 @dataclass
@@ -61,13 +75,19 @@ def catalog() -> Catalog:
         mine: dict[str, Registration] = {}
         problems: list[str] = []
 
-        def register(name: str, factory: ExplainerFactory, _plugin: str = plugin, _mine=mine, _problems=problems) -> None:
+        def register(
+            name: str | type[Explainer], factory: ExplainerFactory | None = None, _plugin=plugin, _mine=mine, _problems=problems
+        ) -> None:
+            if factory is None and isinstance(name, type) and issubclass(name, Explainer):
+                factory = name
+                name = name.name  # a class registers under its own name
             if not _valid_name(name):
                 _problems.append(f"invalid explainer name {name!r} (a non-empty string without spaces or commas)")
             elif not callable(factory):
                 _problems.append(f"{name!r} registered with a non-callable factory")
             else:
-                _mine[name] = Registration(name, factory, _plugin)
+                assert isinstance(name, str)
+                _mine[name] = Registration(name, as_explainer_factory(name, factory), _plugin, factory)
 
         try:
             impl.function(register=register)
@@ -107,26 +127,60 @@ def list_explainers() -> list[str]:
     return sorted(registrations())
 
 
-def get_explainer(name: str, model: nn.Module, layer: str | nn.Module | None = None) -> ExplainerFn:
+def get_explainer(name: str, model: nn.Module, layer: str | nn.Module | None = None, **options: Any) -> Explainer:
     """Build the explainer registered as ``name`` for ``model`` at ``layer``.
 
     Args:
         name: a registered name, e.g. ``"gradcam"`` (see :func:`list_explainers`).
-        model: the classifier to explain.
+        model: the model to explain.
         layer: dotted submodule path (``"layer4"``, ``"layer3.1.conv2"``) or the module itself;
             ``None`` picks the default (:func:`explainkit.models.layers.default_layer`).
+        **options: the method's own keyword options, e.g. ``autocast=torch.bfloat16`` for the
+            gradient CAMs, ``batch_size=`` for Score-CAM and Ablation-CAM, ``layout=``.
 
     Returns:
-        A callable ``explainer(images, targets=None, normalize=True)`` returning maps.
+        An :class:`~explainkit.explainers.base.Explainer`, whatever the plugin registered:
+        ``explainer(images, targets=None, normalize=True)`` returns maps and
+        ``explainer.explain(...)`` maps, logits and targets.
 
     Raises:
         UnknownExplainerError: no such name (the message lists the registered ones).
+        ExplainkitError: an option the method does not take.
 
     Example:
         >>> cam = explainkit.get_explainer("gradcam", model, layer="layer4")
         >>> maps = cam(images)            # (N, H, W), each in [0, 1]
     """
-    return require_explainer(name).factory(model, layer=layer)
+    registration = require_explainer(name)
+    check_options(registration, options)
+    return registration.factory(model, layer=layer, **options)
+
+
+def accepts_option(registration: Registration, option: str) -> bool:
+    """Whether the registered factory takes the keyword ``option`` (e.g. ``"autocast"``)."""
+    try:
+        parameters = inspect.signature(registration.registered).parameters
+    except (TypeError, ValueError):
+        return False
+    return option in parameters or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+
+
+def check_options(registration: Registration, options: dict[str, Any]) -> None:
+    """A clear error for options the registered factory does not take (not a TypeError from deep inside)."""
+    if not options:
+        return
+    try:
+        signature = inspect.signature(registration.registered)
+    except (TypeError, ValueError):  # a builtin or C callable: let the call speak
+        return
+    try:
+        signature.bind(None, layer=None, **options)
+    except TypeError:
+        accepted = [p for p in signature.parameters if p not in ("self", "model", "layer")]
+        unknown = ", ".join(sorted(set(options) - set(accepted)))
+        raise ExplainkitError(
+            f"explainer {registration.name!r} does not take {unknown}; it takes {', '.join(accepted) or 'no options'}"
+        ) from None
 
 
 def require_explainer(name: str) -> Registration:

@@ -304,13 +304,14 @@ def _subparsers():
     return action.choices
 
 
-def test_every_flag_of_every_command_is_in_the_readme():
-    readme = (REPO / "README.md").read_text()
+def test_every_flag_of_every_command_is_explained_in_the_docs():
+    """Beyond the generated CLI reference (docs/cli.md), each flag is described in the prose pages."""
+    prose = "".join(page.read_text() for page in (REPO / "docs").glob("*.md") if page.name != "cli.md")
     missing = [
         f"{name} {flag}"
         for name, sub in _subparsers().items()
         for action in sub._actions
         for flag in action.option_strings
-        if flag.startswith("--") and flag != "--help" and flag not in readme
+        if flag.startswith("--") and flag != "--help" and flag not in prose
     ]
-    assert not missing, f"flags missing from README.md: {missing}"
+    assert not missing, f"flags missing from docs/*.md: {missing}"

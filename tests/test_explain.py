@@ -105,17 +105,21 @@ def test_explain_images(random_model, tmp_path):
     assert maps.shape == (2, 32, 32) and maps.dtype == np.float16
 
 
-def test_a_plugin_that_only_returns_maps_still_gets_probabilities(random_model, tiny_folder, tmp_path):
+def test_a_plugin_that_only_returns_maps_still_gets_probabilities(fresh_plugins, random_model, tiny_folder, tmp_path):
     def maps_only(images, targets=None, normalize=True):
-        return (
-            torch.rand(len(images), *images.shape[-2:]) if targets != "all" else torch.rand(len(images), 10, *images.shape[-2:])
-        )
+        return torch.rand(len(images), *images.shape[-2:])
 
+    class MapsOnly:
+        @explainkit.hookimpl
+        def register_explainers(self, register):
+            register("plain", lambda model, layer=None: maps_only)
+
+    fresh_plugins.register(MapsOnly(), name="maps-only")
     dataset = load_split("test", ModelCard(), tiny_folder)
     result = explain_dataset(
         random_model,
         ModelCard(),
-        {"plain": maps_only, "gradcam": explainkit.get_explainer("gradcam", random_model)},
+        {"plain": explainkit.get_explainer("plain", random_model), "gradcam": explainkit.get_explainer("gradcam", random_model)},
         dataset,
         tmp_path,
         torch.device("cpu"),

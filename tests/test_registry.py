@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import explainkit
-from explainkit.explainers.gradient import GradCAM
+from explainkit.errors import ExplainkitError
+from explainkit.explainers.gradient import GradCAM, GradientCAM
 from explainkit.registry import registrations
 
 
@@ -113,3 +114,75 @@ def test_factory_receives_model_and_layer(fresh_plugins, random_model):
     fresh_plugins.register(FunctionPlugin(), name="fn-plugin")
     explainkit.get_explainer("fn", random_model, layer="layer3")
     assert seen == {"model": random_model, "layer": "layer3"}
+
+
+def _register_plain(fresh_plugins, fn, name="plain"):
+    class Plain:
+        @explainkit.hookimpl
+        def register_explainers(self, register):
+            register(name, lambda model, layer=None: fn)
+
+    fresh_plugins.register(Plain(), name=f"{name}-plugin")
+
+
+def test_a_plain_function_plugin_comes_back_as_an_explainer(fresh_plugins, random_model):
+    from explainkit.explainers.base import Explainer
+
+    calls = []
+
+    def brightness(images, targets=None, normalize=True):  # one class per image
+        calls.append(targets)
+        return images.mean(1) + targets.view(-1, 1, 1)
+
+    _register_plain(fresh_plugins, brightness)
+    explainer = explainkit.get_explainer("plain", random_model)
+    assert isinstance(explainer, Explainer)
+    images = torch.randn(3, 3, 32, 32)
+    result = explainer.explain(images)
+    assert result.maps.shape == (3, 32, 32) and result.logits.shape == (3, 10)
+    assert torch.equal(result.targets, random_model(images).argmax(1))
+    topk = explainer.explain(images, "topk:2")
+    assert topk.maps.shape == (3, 2, 32, 32) and topk.targets.shape == (3, 2) and len(calls) == 3  # one call per column
+    assert explainer(images, targets="all").shape == (3, 10, 32, 32)
+
+
+def test_a_plain_function_returning_the_wrong_shape_is_a_clear_error(fresh_plugins, random_model):
+    _register_plain(fresh_plugins, lambda images, targets=None, normalize=True: torch.zeros(len(images), 5, 5), "tiny")
+    with pytest.raises(ExplainkitError, match=r"'tiny' returned maps of shape \(3, 5, 5\)"):
+        explainkit.get_explainer("tiny", random_model)(torch.randn(3, 3, 32, 32))
+
+
+def test_a_class_registers_under_its_own_name(fresh_plugins, random_model):
+    class Mine(GradCAM):
+        name = "my-own-name"
+
+    class ByClass:
+        @explainkit.hookimpl
+        def register_explainers(self, register):
+            register(Mine)
+
+    fresh_plugins.register(ByClass(), name="by-class")
+    assert "my-own-name" in explainkit.list_explainers()
+    assert isinstance(explainkit.get_explainer("my-own-name", random_model), Mine)
+
+
+GRADIENT_METHODS = sorted(
+    r.name for r in registrations().values() if isinstance(r.factory, type) and issubclass(r.factory, GradientCAM)
+)
+
+
+@pytest.mark.parametrize("name", GRADIENT_METHODS)
+def test_options_reach_every_gradient_method(name, random_model):
+    images = torch.randn(2, 3, 32, 32)
+    plain = explainkit.get_explainer(name, random_model, layer="layer4")
+    bf16 = explainkit.get_explainer(name, random_model, layer="layer4", autocast=torch.bfloat16)
+    assert bf16.autocast is torch.bfloat16
+    maps = bf16(images)
+    assert maps.dtype == torch.float32 and torch.isfinite(maps).all()
+    assert float(torch.nn.functional.cosine_similarity(maps.flatten(1), plain(images).flatten(1)).min()) > 0.9
+
+
+def test_an_option_a_method_does_not_take_is_a_clear_error(random_model):
+    with pytest.raises(ExplainkitError, match="'scorecam' does not take autocast; it takes batch_size, layout"):
+        explainkit.get_explainer("scorecam", random_model, autocast=torch.bfloat16)
+    assert explainkit.get_explainer("scorecam", random_model, batch_size=8).batch_size == 8

@@ -93,7 +93,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
             checkpoint = require_model_path(args.checkpoint, args.models_dir)
             source, model = str(checkpoint), load_model(checkpoint, map_location=device)
         factories = _factories(methods, args.layer)
-        layer_name = getattr(factories[methods[0]](model), "layer_name", args.layer)  # also validates --layer
+        layer_name = factories[methods[0]](model).layer_name  # also validates --layer
         dataset = load_split("test", model_card(model), args.data_dir)
         out = ensure_writable_dir(args.out)
         if args.model:  # a library model: say what preprocessing and layer were read off it

@@ -13,7 +13,7 @@ from explainkit.errors import ExplainkitError
 from explainkit.jobs.explain import explain_dataset, explain_images, parse_figure_targets
 from explainkit.jobs.provenance import provenance
 from explainkit.models.store import load_model, model_card, newest_model, require_model_path, resnet18_cifar
-from explainkit.registry import get_explainer, parse_methods, require_explainer
+from explainkit.registry import accepts_option, get_explainer, parse_methods, require_explainer
 from explainkit.runtime.device import select_device
 from explainkit.runtime.distributed import init_distributed
 from explainkit.runtime.images import read_image
@@ -26,7 +26,8 @@ def run_explain(args: argparse.Namespace) -> int:
     check_spec_flags(args)
     methods = parse_methods(args.methods)
     for name in methods:
-        require_explainer(name)
+        if args.bf16 and not accepts_option(require_explainer(name), "autocast"):
+            raise ExplainkitError(f"--bf16 runs the gradient CAMs under autocast; {name!r} does not take it")
     parse_figure_targets(args.targets)
     device = select_device(args.device)
     ctx = init_distributed(device.type)  # under torchrun: one rank per process, NCCL on CUDA, else gloo
@@ -54,11 +55,8 @@ def run_explain(args: argparse.Namespace) -> int:
     card = model_card(model)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    explainers = {name: get_explainer(name, model, layer=args.layer) for name in methods}
-    if args.bf16:
-        for explainer in explainers.values():
-            if hasattr(explainer, "autocast"):  # our gradient CAMs: model in bf16, CAM maths in float32
-                explainer.autocast = torch.bfloat16
+    options = {"autocast": torch.bfloat16} if args.bf16 else {}  # the gradient CAMs: model in bf16, CAM maths in float32
+    explainers = {name: get_explainer(name, model, layer=args.layer, **options) for name in methods}
     meta = {
         "model": args.model or str(checkpoint),
         "architecture": card.architecture,

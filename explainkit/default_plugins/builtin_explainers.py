@@ -1,4 +1,5 @@
-"""Registers explainkit's own explainers: gradcam, gradcam++, xgradcam, hirescam, layercam, gradcam-elementwise, eigencam, scorecam, ablationcam and captum-gradcam."""
+"""Registers explainkit's own explainers through the hook a third party uses; each class
+registers under its own ``name`` (``explainkit methods`` lists them)."""
 
 from __future__ import annotations
 
@@ -13,13 +14,13 @@ def register_explainers(register):
     from explainkit.explainers.gradient import GradCAM, GradCAMElementWise, GradCAMPlusPlus, HiResCAM, LayerCAM, XGradCAM
     from explainkit.explainers.score import ScoreCAM
 
-    register("gradcam", GradCAM)
-    register("gradcam++", GradCAMPlusPlus)
-    register("xgradcam", XGradCAM)
-    register("hirescam", HiResCAM)
-    register("layercam", LayerCAM)
-    register("gradcam-elementwise", GradCAMElementWise)
-    register("eigencam", EigenCAM)
-    register("scorecam", ScoreCAM)
-    register("ablationcam", AblationCAM)
-    register("captum-gradcam", CaptumGradCAM)
+    register(GradCAM)
+    register(GradCAMPlusPlus)
+    register(XGradCAM)
+    register(HiResCAM)
+    register(LayerCAM)
+    register(GradCAMElementWise)
+    register(EigenCAM)
+    register(ScoreCAM)
+    register(AblationCAM)
+    register(CaptumGradCAM)

@@ -26,13 +26,10 @@ from explainkit.explainers.base import (
     ALL,
     TOPK,
     Explainer,
-    ExplainerFn,
     Explanation,
-    Targets,
     class_sets,
     evaluation_mode,
     parse_topk,
-    resolve_targets,
 )
 from explainkit.jobs.maps_store import STORE_NAME, MapsStore
 from explainkit.models.card import ModelCard
@@ -53,11 +50,6 @@ class ExplainResult:
     outputs: list[Path] = field(default_factory=list)
 
 
-def layer_of(explainer: ExplainerFn) -> str | None:
-    """The layer an explainer reads (our explainers know it; a plain plugin function may not)."""
-    return explainer.layer_name if isinstance(explainer, Explainer) else getattr(explainer, "layer_name", None)
-
-
 def parse_figure_targets(text: str) -> str | tuple[str, int]:
     """``--targets``: ``"auto"``, ``"all"`` or ``("topk", k)``; anything else is a clear error."""
     if text in ("auto", ALL):
@@ -76,36 +68,22 @@ def figure_targets(text: str, num_classes: int) -> str | tuple[str, int]:
     return parsed
 
 
-def _per_class_title(name: str, explainer: ExplainerFn, targets: str | tuple[str, int]) -> str:
+def _per_class_title(name: str, explainer: Explainer, targets: str | tuple[str, int]) -> str:
     shown = "every class" if targets == ALL else f"the top {targets[1]} classes"
-    return f"{name} @ {layer_of(explainer) or '-'}: CAM for {shown} (probability)"
+    return f"{name} @ {explainer.layer_name or '-'}: CAM for {shown} (probability)"
 
 
-def _summary(meta: dict[str, Any] | None, explainers: dict[str, ExplainerFn], images: int, **fields: Any) -> dict[str, Any]:
+def _summary(meta: dict[str, Any] | None, explainers: dict[str, Explainer], images: int, **fields: Any) -> dict[str, Any]:
     """The ``summary.json`` fields every explain run shares, then the run's own."""
     primary = next(iter(explainers.values()))
     return {
         "schema_version": SCHEMA_VERSION,
         **(meta or {}),
-        "layer": layer_of(primary),
+        "layer": primary.layer_name,
         "methods": list(explainers),
         "images": images,
         **fields,
     }
-
-
-def _explain_batch(explainer: ExplainerFn, model: nn.Module, images: torch.Tensor, targets: Targets) -> Explanation:
-    """Explanations from our explainers, or from any plugin callable that only returns maps."""
-    if isinstance(explainer, Explainer):
-        return explainer.explain(images, targets)
-    with torch.no_grad():
-        logits = logits_of(model(images))
-    if parse_topk(targets) is not None:  # a plain plugin function: one call per rank
-        ranked = resolve_targets(targets, logits)
-        assert isinstance(ranked, torch.Tensor)
-        maps = torch.stack([explainer(images, column) for column in ranked.T], dim=1)
-        return Explanation(maps, logits, ranked)
-    return Explanation(explainer(images, targets), logits, None)
 
 
 def _shown_classes(result: Explanation) -> torch.Tensor | None:
@@ -173,7 +151,7 @@ def _forward(
             return logits_of(model(images)), maps
     logits = None
     for name, explainer in explainers.items():
-        result = _explain_batch(explainer, model, images, None)
+        result = explainer.explain(images, None)
         maps[name] = result.maps
         logits = result.logits if logits is None else logits
     assert logits is not None
@@ -303,7 +281,7 @@ def explain_dataset(
         # Evenly spaced, so a limited scan of a class-sorted ImageFolder still spans every class.
         dataset = Subset(dataset, torch.linspace(0, dataset_size(dataset) - 1, limit).long().tolist())
     primary_name, primary = next(iter(explainers.items()))
-    layer_name = layer_of(primary)
+    layer_name = primary.layer_name
     started = time.perf_counter()
     store = None
     if save_maps or ctx.enabled:  # several ranks always merge through the store
@@ -332,7 +310,7 @@ def explain_dataset(
     if len(sample_indices):
         batch = sample_images.to(device)
         shown = figure_targets(targets, card.num_classes)
-        per_class = _explain_batch(primary, model, batch, shown)
+        per_class = primary.explain(batch, shown)
         figure = figures.per_class_grid(
             card.denormalize(sample_images),
             per_class.maps.cpu(),
@@ -357,8 +335,8 @@ def explain_dataset(
     wrong_predicted = predictions[wrong_indices] if wrong_indices else torch.empty(0, dtype=torch.long)
     if wrong_indices:
         batch = wrong_images.to(device)
-        predicted_maps = _explain_batch(primary, model, batch, wrong_predicted.to(device)).maps.cpu()
-        true_maps = _explain_batch(primary, model, batch, wrong_labels.to(device)).maps.cpu()
+        predicted_maps = primary.explain(batch, wrong_predicted.to(device)).maps.cpu()
+        true_maps = primary.explain(batch, wrong_labels.to(device)).maps.cpu()
     else:
         predicted_maps = true_maps = torch.empty(0)
     figure = figures.misclassified_grid(
@@ -407,7 +385,7 @@ def _finish(out: Path, summary: dict[str, Any], outputs: list[Path]) -> ExplainR
 
 
 def _explain_all_methods(explainers: dict[str, Any], model: nn.Module, batch: torch.Tensor) -> dict[str, Explanation]:
-    return {name: _explain_batch(explainer, model, batch, None) for name, explainer in explainers.items()}
+    return {name: explainer.explain(batch, None) for name, explainer in explainers.items()}
 
 
 def _methods_figure(
@@ -448,7 +426,7 @@ def explain_images(
     started = time.perf_counter()
     batch = images.to(device)
     shown = figure_targets(targets, card.num_classes)
-    per_class = _explain_batch(primary, model, batch, shown)
+    per_class = primary.explain(batch, shown)
     probabilities = per_class.probabilities.cpu()
     confidence, predicted = probabilities.max(dim=1)
     outputs = [
