@@ -28,10 +28,12 @@ def _hwc(image: torch.Tensor | np.ndarray) -> np.ndarray:
     return clipped
 
 
-def overlay(image: torch.Tensor | np.ndarray, cam: torch.Tensor | np.ndarray, alpha: float = ALPHA) -> np.ndarray:
-    """Blend a ``(3, H, W)`` image in [0, 1] with a colour-mapped ``(H, W)`` CAM -> ``(H, W, 3)``."""
+def overlay(
+    image: torch.Tensor | np.ndarray, cam: torch.Tensor | np.ndarray, alpha: float = ALPHA, colormap: str = COLORMAP
+) -> np.ndarray:
+    """Blend a ``(3, H, W)`` image in [0, 1] with a ``colormap``-coloured ``(H, W)`` CAM -> ``(H, W, 3)``."""
     cam_array = cam.detach().cpu().numpy() if isinstance(cam, torch.Tensor) else np.asarray(cam)
-    heat = matplotlib.colormaps[COLORMAP](np.clip(cam_array, 0, 1))[..., :3]
+    heat = matplotlib.colormaps[colormap](np.clip(cam_array, 0, 1))[..., :3]
     blended: np.ndarray = (1 - alpha) * _hwc(image) + alpha * heat
     return blended
 

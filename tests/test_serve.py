@@ -2,7 +2,11 @@
 Playwright): maps render, the opacity slider re-blends, a corrupt upload is reported in the page
 and the next action still works, no request leaves the server (or ``file:``/``data:`` for the
 report) and the console stays free of errors. Skipped with a reason where chromium or Playwright
-is missing; ``.ci/run`` installs both."""
+is missing; ``.ci/run`` installs both.
+
+And the app as an API, driven by ``gradio_client`` over HTTP (no browser needed): ``/explain``
+answers a script with overlays and the model's probabilities, and the API page lists only the
+public endpoints."""
 
 from __future__ import annotations
 
@@ -10,14 +14,16 @@ import shutil
 import socket
 from urllib.parse import urlparse
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from explainkit.app.workbench import Workbench
 from explainkit.data.datasets import load_split
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium package (apt-get install chromium)")
+PUBLIC = {"/explain", "/methods", "/classes", "/layers"}
 
 
 def _free_port() -> int:
@@ -28,6 +34,8 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def browser():
+    if CHROMIUM is None:
+        pytest.skip("needs Debian's chromium package (apt-get install chromium)")
     playwright_api = pytest.importorskip("playwright.sync_api", reason="needs playwright (the dev extra)")
     with playwright_api.sync_playwright() as playwright:
         chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
@@ -125,38 +133,6 @@ def test_report_opens_from_disk_with_no_network_request(browser, random_model, t
     page.close()
 
 
-def test_workbench_filters_and_caches(random_model, tiny_folder):
-    bench = Workbench(random_model, torch.device("cpu"))
-    bench.add_dataset(load_split("test", bench.card, tiny_folder))
-    wrong = bench.select(correctness="wrong")
-    assert all(item.label != item.predicted for item in wrong)
-    cats = bench.select(true_class="cat")
-    assert len(cats) == 2 and all(bench.card.classes[item.label] == "cat" for item in cats)
-    ordered = bench.select(order="confidence")
-    assert [item.confidence for item in ordered] == sorted((item.confidence for item in ordered), reverse=True)
-    items = ordered[:2]
-    first = bench.maps(items, "gradcam", None, [[3, 5], [3, 5]])
-    calls = []
-    original = bench.explainer("gradcam", None)
-    bench._explainers[("gradcam", None)] = lambda *a, **k: calls.append(1) or original(*a, **k)
-    again = bench.maps(items, "gradcam", None, [[3, 5], [3, 5]])
-    assert not calls and torch.equal(first, again)  # served from the cache
-    torch.testing.assert_close(first[:, 0], original(torch.stack([i.input for i in items]), targets=3))
-
-
-def test_workbench_rejects_bad_uploads_clearly(random_model, tmp_path):
-    from explainkit.errors import ImageReadError
-
-    bench = Workbench(random_model, torch.device("cpu"))
-    (tmp_path / "notes.txt").write_text("hello")
-    with pytest.raises(ImageReadError, match="not an image type"):
-        bench.add_upload(tmp_path / "notes.txt")
-    (tmp_path / "bad.jpg").write_bytes(b"nope")
-    with pytest.raises(ImageReadError, match="cannot read image"):
-        bench.add_upload(tmp_path / "bad.jpg")
-    assert not bench.items
-
-
 def test_serve_without_gradio_says_how_to_install(monkeypatch, capsys, random_checkpoint):
     import builtins
 
@@ -172,3 +148,67 @@ def test_serve_without_gradio_says_how_to_install(monkeypatch, capsys, random_ch
     monkeypatch.setattr(builtins, "__import__", no_gradio)
     assert main(["serve", "--checkpoint", str(random_checkpoint)]) == 2
     assert "pip install 'explainkit[ui]'" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    gradio_client = pytest.importorskip("gradio_client", reason="needs gradio_client (comes with gradio)")
+    url, _ = served
+    return gradio_client.Client(url, verbose=False)
+
+
+def test_api_explains_an_uploaded_file_like_the_library(client, served, random_model, tmp_path):
+    from gradio_client import handle_file
+
+    url, bench = served
+    path = tmp_path / "photo.png"
+    Image.fromarray(np.random.default_rng(3).integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(path)
+    overlays, probabilities = client.predict(
+        images=[handle_file(str(path))], methods=["gradcam", "layercam"], layer="", target="predicted", opacity=0.5,
+        api_name="/explain",
+    )  # fmt: skip
+    assert [pane["caption"].split(" @ ")[0] for pane in overlays] == ["photo.png: gradcam", "photo.png: layercam"]
+    for pane in overlays:
+        picture = np.asarray(Image.open(pane["image"]))
+        assert picture.shape == (32, 32, 3) and picture.std() > 0
+
+    with torch.no_grad():  # the same file through the library's own preprocessing
+        expected = random_model(random_model.card.preprocess(Image.open(path))).softmax(1)[0]
+    (answer,) = probabilities
+    predicted = int(expected.argmax())
+    assert answer["image"] == "photo.png" and answer["predicted"] == bench.card.classes[predicted]
+    assert answer["key"] in bench.items  # through the page's upload path: in the pool, selectable there too
+    assert len(answer["top"]) == 5 and list(answer["top"])[0] == answer["predicted"]
+    for name, probability in answer["top"].items():
+        assert probability == pytest.approx(float(expected[bench.card.classes.index(name)]), abs=1e-5)
+
+    overlays, _ = client.predict(images=[handle_file(str(path))], methods=["gradcam"], target="topk:3", api_name="/explain")
+    assert len(overlays) == 3  # defaults for what is not given; one overlay per class asked for
+    assert client.predict(api_name="/classes") == list(bench.card.classes)
+    assert "gradcam" in client.predict(api_name="/methods")
+
+
+def test_api_errors_are_one_line_messages_without_server_paths(client, tmp_path):
+    from gradio_client import handle_file
+    from gradio_client.exceptions import AppError
+
+    corrupt = tmp_path / "broken.png"
+    corrupt.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    with pytest.raises(AppError) as caught:
+        client.predict(images=[handle_file(str(corrupt))], api_name="/explain")
+    message = str(caught.value)
+    assert "cannot read image broken.png" in message and "/" not in message and "\n" not in message
+    with pytest.raises(AppError, match="unknown explainer 'nope'; registered: .*gradcam"):
+        client.predict(images=[handle_file(str(corrupt))], methods=["nope"], api_name="/explain")
+
+
+def test_api_page_lists_only_the_public_endpoints(client):
+    api = client.view_api(return_format="dict", print_info=False)
+    assert set(api["named_endpoints"]) == PUBLIC and not api["unnamed_endpoints"]
+    explain = api["named_endpoints"]["/explain"]
+    names = [parameter["parameter_name"] for parameter in explain["parameters"]]
+    assert names == ["images", "methods", "layer", "target", "opacity", "colormap"]
+    defaults = {p["parameter_name"]: p["parameter_default"] for p in explain["parameters"] if p["parameter_has_default"]}
+    assert defaults == {"methods": ["gradcam"], "layer": "", "target": "predicted", "opacity": 0.5, "colormap": "inferno"}
+    assert all(parameter["label"].startswith(parameter["parameter_name"] + ": ") for parameter in explain["parameters"])
+    assert explain["description"].startswith("Explain one or more image files")

@@ -5,22 +5,34 @@ confidence) or upload files; compare any registered methods and layers on them w
 scale, an opacity slider and a colour-map choice; targets: predicted, true, top-k or a named
 class; every class's map for one image from one pass; deletion/insertion curves on demand.
 
+The same server is an API (``gradio_client``; the page's footer links to its API page): ``/explain``
+(image files in; overlays and each image's top classes out), ``/methods``, ``/classes`` and
+``/layers``; the page's own events are private. What each does is a plain function of the
+workbench in :mod:`explainkit.app.handlers`; this module only lays the page out and wires them::
+
+    from gradio_client import Client, handle_file
+    overlays, probabilities = Client("http://127.0.0.1:7860/").predict(
+        images=[handle_file("cat.png")], methods=["gradcam"], layer="", target="predicted", opacity=0.5,
+        api_name="/explain",
+    )
+
 Offline and private by default: binds 127.0.0.1, no share link, Gradio's analytics off and its
 Google-hosted fonts replaced by the system's, so the page makes no request beyond the server.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
-from typing import Any
+from typing import Any, Callable
 
-from explainkit.app.workbench import COLORMAPS, MAX_UPLOAD_BYTES, Item, Workbench
+from explainkit.app import handlers
+from explainkit.app.handlers import ANY, TARGETS
+from explainkit.app.workbench import COLORMAPS, MAX_UPLOAD_BYTES, Workbench
 from explainkit.errors import ExplainkitError
 
-GALLERY_SIZE = 60
-MAX_SELECTED = 8
-ANY = "(any)"
-TARGETS = ("predicted", "true", "top-k", "class")
+PRIVATE = {"api_visibility": "private"}  # the page's own events: not on the API page, not for API clients
 
 
 def _gradio():
@@ -38,112 +50,51 @@ def _theme(gr):
     return gr.themes.Default(font=system, font_mono=["ui-monospace", "monospace"])
 
 
+def _endpoint(gr, handler: Callable[..., Any], bench: Workbench) -> Callable[..., Any]:
+    """``handler(bench, ...)`` as a public API function: the handler's parameter names (less
+    ``bench``) and docstring, and an :class:`ExplainkitError` as the API's error, its one-line message."""
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return handler(bench, *args, **kwargs)
+        except ExplainkitError as error:
+            raise gr.Error(str(error), print_exception=False) from None
+
+    signature = inspect.signature(handler)
+    call.__signature__ = signature.replace(parameters=list(signature.parameters.values())[1:])  # type: ignore[attr-defined]
+    call.__doc__, call.__name__ = handler.__doc__, handler.__name__
+    return call
+
+
+def _documented(handler: Callable[..., Any]) -> dict[str, str]:
+    """``{name: text}`` from the "Args:" and "Returns:" lines of ``handler``'s docstring (one line each)."""
+    described = {}
+    for line in (inspect.getdoc(handler) or "").splitlines():
+        name, colon, text = line.strip().partition(": ")
+        if colon and name.isidentifier():
+            described[name] = f"{name}: {text}"
+    return described
+
+
+def _on_pick(visible: list[str], selected: list[str], event: Any) -> tuple[list[str], str]:
+    return handlers.pick(visible, selected, event.index)  # ``event`` is annotated gr.SelectData in build_app
+
+
 def build_app(bench: Workbench):
-    """The Gradio Blocks app; launch it with :func:`launch`."""
+    """The Gradio Blocks app (launch it with :func:`launch`): the page, and the public API
+    (``/explain``, ``/methods``, ``/classes``, ``/layers``) of :mod:`explainkit.app.handlers`."""
     gr = _gradio()
+    _on_pick.__annotations__["event"] = gr.SelectData  # how Gradio knows to pass the click (gradio is imported lazily)
     card = bench.card
     classes = list(card.classes)
-    pairs = [f"{t} -> {p} ({n})" for t, p, n in bench.confusion_pairs()]
-
-    def caption(item: Item) -> str:
-        truth = f"true {classes[item.label]}, " if item.label is not None else ""
-        return f"{item.key}: {truth}pred {classes[item.predicted]} ({item.confidence:.2f})"
-
-    def filtered(true_class: str, predicted: str, correctness: str, pair: str, order: str) -> tuple[list, list[str]]:
-        if pair and pair != ANY:
-            true_class, predicted = pair.split(" (")[0].split(" -> ")
-            correctness = "wrong"
-        items = bench.select(
-            None if true_class in (None, ANY) else true_class,
-            None if predicted in (None, ANY) else predicted,
-            correctness,
-            order,
-        )[:GALLERY_SIZE]
-        return [(bench.display(item), caption(item)) for item in items], [item.key for item in items]
-
-    def pick(visible: list[str], selected: list[str], event: Any):
-        key = visible[event.index]
-        if key not in selected:
-            selected = (selected + [key])[-MAX_SELECTED:]
-        return selected, _selected_text(selected)
-
-    pick.__annotations__["event"] = gr.SelectData  # how Gradio knows to pass the click (gradio is imported lazily)
-
-    def _selected_text(selected: list[str]) -> str:
-        return "Selected: " + (", ".join(selected) if selected else "none (click images in the gallery, or upload)")
-
-    def upload(files: list[Any] | None, selected: list[str]):
-        messages = []
-        for file in files or []:
-            path = getattr(file, "name", file)
-            try:
-                item = bench.add_upload(path)
-            except ExplainkitError as error:
-                messages.append(f"**Could not use {os.path.basename(str(path))}**: {error}")
-                continue
-            selected = (selected + [item.key])[-MAX_SELECTED:]
-        return selected, _selected_text(selected), "\n\n".join(messages)
-
-    def compare(selected, methods, layer, target, k, class_name, opacity, colormap, progress=gr.Progress()):  # noqa: B008 - Gradio's idiom
-        if not selected:
-            return [], {}, "Select or upload at least one image first."
-        if not methods:
-            return [], {}, "Choose at least one method."
-        items = [bench.items[key] for key in selected]
-        try:
-            wanted = [bench.class_index(item, target, int(k), class_name) for item in items]
-            maps = {}
-            for count, method in enumerate(methods):  # every selected image in one call per method
-                progress(count / len(methods), desc=f"{method} on {len(items)} images")
-                maps[method] = bench.maps(items, method, layer or None, wanted)  # (N, J, H, W)
-        except ExplainkitError as error:  # e.g. a layer that is not a feature map: say so in the page
-            return [], {}, f"**{error}**"
-        panes = []
-        for row, item in enumerate(items):
-            panes.append((bench.display(item), caption(item)))
-            for method in methods:
-                for cls, heat in zip(wanted[row], maps[method][row]):
-                    panes.append((bench.blend(item, heat, opacity, colormap), f"{method} @ {layer}: {classes[cls]}"))
-        first = items[0]
-        top = {classes[int(i)]: float(first.probabilities[i]) for i in first.probabilities.topk(min(5, len(classes))).indices}
-        columns = len(panes) // len(items)  # one row per image: the image, then its maps
-        return gr.Gallery(value=panes, columns=columns), top, ""
-
-    def per_class(selected, method, layer, opacity, colormap):
-        if not selected:
-            return [], "Select an image first."
-        item = bench.items[selected[-1]]
-        every = bench.all_classes(item, method, layer or None)
-        order = item.probabilities.argsort(descending=True)[: min(len(classes), 20)]
-        return [
-            (bench.blend(item, every[int(cls)], opacity, colormap), f"{classes[int(cls)]} ({float(item.probabilities[cls]):.2f})")
-            for cls in order
-        ], f"{item.key}: every class's map from one pass ({method})"
-
-    def faithfulness(selected, method, layer):
-        if not selected:
-            return None, "Select an image first."
-        from matplotlib.figure import Figure
-
-        item = bench.items[selected[-1]]
-        scores = bench.faithfulness(item, method, layer or None)
-        figure = Figure(figsize=(8, 3))
-        axes = figure.subplots(1, 2)
-        for ax, name in zip(axes, ("deletion", "insertion")):
-            curve = scores[name]
-            ax.plot([i / (len(curve) - 1) for i in range(len(curve))], curve)
-            ax.set_title(f"{name}: AUC {scores[name + '_auc']:.3f}")
-            ax.set_xlabel("fraction of pixels")
-            ax.set_ylim(0, 1)
-        axes[0].set_ylabel(f"p({classes[item.predicted]})")
-        figure.tight_layout()
-        return (
-            figure,
-            f"{item.key}, {method}: deletion AUC {scores['deletion_auc']:.3f} (lower is better), insertion AUC {scores['insertion_auc']:.3f} (higher is better)",
-        )
-
     methods = bench.methods()
     layers = bench.layer_choices()
+    bound = functools.partial  # bound(handler, bench): the handler as an event function
+
+    def show_comparison(selected, methods, layer, target, k, class_name, opacity, colormap, progress=gr.Progress()):  # noqa: B008 - Gradio's idiom
+        result = handlers.compare(bench, selected, methods, layer, target, k, class_name, opacity, colormap, progress)
+        return gr.Gallery(value=result.panes, columns=result.columns), result.top, result.message
+
     with gr.Blocks(title="explainkit", analytics_enabled=False) as app:
         selected = gr.State([])
         visible = gr.State([])
@@ -159,11 +110,13 @@ def build_app(bench: Workbench):
                     predicted_filter = gr.Dropdown([ANY, *classes], value=ANY, label="predicted class")
                 with gr.Row():
                     correctness = gr.Radio(["all", "correct", "wrong"], value="all", label="predictions")
-                    pair_filter = gr.Dropdown([ANY, *pairs], value=ANY, label="confusion pair (true -> predicted)")
+                    pair_filter = gr.Dropdown(
+                        [ANY, *handlers.pair_labels(bench)], value=ANY, label="confusion pair (true -> predicted)"
+                    )
                 order = gr.Radio(["confidence", "least confident", "index"], value="confidence", label="sort by")
                 gallery = gr.Gallery(label="images (click to select)", columns=5, height=360, allow_preview=False, elem_id="pool")
                 uploads = gr.File(label="or upload images", file_count="multiple", elem_id="upload")
-                status = gr.Markdown(_selected_text([]), elem_id="selected")
+                status = gr.Markdown(handlers.selected_text([]), elem_id="selected")
                 upload_message = gr.Markdown("", elem_id="upload-message")
                 clear = gr.Button("clear selection", size="sm")
             with gr.Column(scale=3):
@@ -191,30 +144,53 @@ def build_app(bench: Workbench):
                     faith_button = gr.Button("deletion / insertion for the last selected image (first method)")
                     faith_note = gr.Markdown("")
                     faith_plot = gr.Plot()
+        _api_components(gr, bench, methods)
 
         filters = [true_filter, predicted_filter, correctness, pair_filter, order]
         for control in filters:
-            control.change(filtered, filters, [gallery, visible])
-        app.load(filtered, filters, [gallery, visible])
-        gallery.select(pick, [visible, selected], [selected, status])
-        uploads.upload(upload, [uploads, selected], [selected, status, upload_message])
-        clear.click(lambda: ([], _selected_text([])), None, [selected, status])
+            control.change(bound(handlers.filtered, bench), filters, [gallery, visible], **PRIVATE)
+        app.load(bound(handlers.filtered, bench), filters, [gallery, visible], **PRIVATE)
+        gallery.select(_on_pick, [visible, selected], [selected, status], **PRIVATE)
+        uploads.upload(bound(handlers.upload, bench), [uploads, selected], [selected, status, upload_message], **PRIVATE)
+        clear.click(lambda: ([], handlers.selected_text([])), None, [selected, status], **PRIVATE)
         compare_inputs = [selected, chosen_methods, layer, target, k, class_name, opacity, colormap]
-        run.click(compare, compare_inputs, [grid, top5, message])
+        run.click(show_comparison, compare_inputs, [grid, top5, message], **PRIVATE)
         # Opacity and colour map re-blend the cached maps: no recomputation.
-        opacity.release(compare, compare_inputs, [grid, top5, message])
-        colormap.change(compare, compare_inputs, [grid, top5, message])
-        first_method = lambda methods: (methods or ["gradcam"])[0]  # noqa: E731
+        opacity.release(show_comparison, compare_inputs, [grid, top5, message], **PRIVATE)
+        colormap.change(show_comparison, compare_inputs, [grid, top5, message], **PRIVATE)
         per_class_button.click(
-            lambda s, m, la, o, c: per_class(s, first_method(m), la, o, c),
+            bound(handlers.per_class, bench),
             [selected, chosen_methods, layer, opacity, colormap],
             [per_class_grid, per_class_note],
+            **PRIVATE,
         )
         faith_button.click(
-            lambda s, m, la: faithfulness(s, first_method(m), la), [selected, chosen_methods, layer], [faith_plot, faith_note]
+            bound(handlers.faithfulness, bench), [selected, chosen_methods, layer], [faith_plot, faith_note], **PRIVATE
         )
     app.queue(default_concurrency_limit=4)  # several tabs at once: explainers are thread-safe
     return app
+
+
+def _api_components(gr, bench: Workbench, methods: list[str]) -> None:
+    """The public API: hidden components give each endpoint its typed, documented parameters (the
+    labels are the handlers' docstring lines); a hidden button no one clicks carries the events."""
+    doc = _documented(handlers.explain)
+    with gr.Column(visible=False):
+        trigger = gr.Button("API", visible=False)
+        inputs = [
+            gr.File(file_count="multiple", label=doc["images"]),
+            gr.Dropdown(methods, value=["gradcam"], multiselect=True, allow_custom_value=True, label=doc["methods"]),
+            gr.Textbox("", label=doc["layer"]),
+            gr.Textbox("predicted", label=doc["target"]),
+            gr.Number(0.5, label=doc["opacity"]),
+            gr.Dropdown(list(COLORMAPS), value=COLORMAPS[0], allow_custom_value=True, label=doc["colormap"]),
+        ]
+        overlays = gr.Gallery(label=doc["overlays"], format="png")  # lossless, for scripts that measure them
+        probabilities = gr.JSON(label=doc["probabilities"])
+        trigger.click(_endpoint(gr, handlers.explain, bench), inputs, [overlays, probabilities], api_name="explain")
+        for handler in (handlers.methods, handlers.classes, handlers.layers):
+            names = gr.JSON(label=inspect.getdoc(handler))
+            trigger.click(_endpoint(gr, handler, bench), None, names, api_name=handler.__name__)
 
 
 def launch(bench: Workbench, host: str = "127.0.0.1", port: int = 7860, block: bool = True):
@@ -231,7 +207,7 @@ def launch(bench: Workbench, host: str = "127.0.0.1", port: int = 7860, block: b
             prevent_thread_lock=True,
             quiet=True,
             ssr_mode=False,
-            footer_links=[],
+            footer_links=["api"],  # the API page: nothing else (no links off this machine)
         )
     except OSError as error:  # the port is taken, or the host is not this machine's
         raise ExplainkitError(f"cannot serve on {host}:{port}: {str(error).splitlines()[0]} (try another --port)") from None

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-import matplotlib
 import numpy as np
 import torch
 import torch.nn as nn
@@ -21,6 +20,7 @@ from explainkit.data.datasets import dataset_size, make_loader
 from explainkit.errors import ExplainkitError, ImageReadError
 from explainkit.evaluation import metrics
 from explainkit.explainers.base import ALL, Explainer, ExplainerFn, evaluation_mode
+from explainkit.figures import overlay
 from explainkit.models.outputs import logits_of
 from explainkit.models.store import model_card
 from explainkit.registry import get_explainer, list_explainers
@@ -55,6 +55,7 @@ class Workbench:
         self._maps: OrderedDict[tuple[str, str, str | None, int], torch.Tensor] = OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.Lock()
+        self._uploads = 0
 
     # --- the pool ------------------------------------------------------------------------------
     def add_dataset(self, dataset: Dataset, limit: int | None = None, batch_size: int = 128) -> int:
@@ -78,19 +79,28 @@ class Workbench:
         return offset
 
     def add_upload(self, path: str | Path) -> Item:
-        """Read an uploaded file into the pool; a clear :class:`ImageReadError` if it is not an image."""
+        """Read an uploaded file into the pool; a clear :class:`ImageReadError` if it is not an image.
+        Messages name the file, never the folder it was uploaded to (they are shown to the client)."""
         path = Path(path)
         if path.suffix.lower() not in UPLOAD_SUFFIXES:
             raise ImageReadError(f"{path.name}: not an image type explainkit reads ({', '.join(UPLOAD_SUFFIXES)})")
         if path.stat().st_size > MAX_UPLOAD_BYTES:
             raise ImageReadError(f"{path.name}: larger than {MAX_UPLOAD_BYTES // 2**20} MiB")
-        array = read_image(path, self.card.image_size, self.card.resize, self.card.interpolation)
-        image = self.card.normalize(torch.from_numpy(array).permute(2, 0, 1)[None].float().div(255))[0]
+        try:
+            array = read_image(path, self.card.image_size, self.card.resize, self.card.interpolation)
+        except ImageReadError as error:
+            message = str(error)
+            for folder in {str(path.parent), str(path.resolve().parent)} - {".", "/"}:
+                message = message.replace(folder + "/", "")
+            raise ImageReadError(message) from None
+        pixels = torch.tensor(array)  # a copy: torch warns about read-only arrays
+        image = self.card.normalize(pixels.permute(2, 0, 1)[None].float().div(255))[0]
         with evaluation_mode(self.model), torch.no_grad():
             probabilities = logits_of(self.model(image[None].to(self.device))).float().softmax(1)[0].cpu()
-        key = f"upload/{len([k for k in self.items if k.startswith('upload/')])}/{path.name}"
-        item = Item(key, image, None, int(probabilities.argmax()), float(probabilities.max()), probabilities)
-        with self._lock:
+        with self._lock:  # a unique key even for concurrent uploads: the maps cache is keyed by it
+            key = f"upload/{self._uploads}/{path.name}"
+            self._uploads += 1
+            item = Item(key, image, None, int(probabilities.argmax()), float(probabilities.max()), probabilities)
             self.items[key] = item
         return item
 
@@ -137,9 +147,12 @@ class Workbench:
             return self._explainers[key]
 
     def class_index(self, item: Item, target: str, k: int = 1, class_name: str | None = None) -> list[int]:
-        """Classes to explain for ``target``: "predicted", "true" (uploads: predicted), "top-k" or "class"."""
+        """Classes to explain for ``target``: "predicted", "true" (uploads: predicted), "top-k",
+        "class" (``class_name``) or "all"."""
         if target == "true" and item.label is not None:
             return [item.label]
+        if target == "all":
+            return list(range(self.card.num_classes))
         if target == "top-k":
             return item.probabilities.topk(min(k, len(item.probabilities))).indices.tolist()
         if target == "class":
@@ -202,8 +215,7 @@ class Workbench:
 
     def blend(self, item: Item, heat: torch.Tensor, opacity: float, colormap: str) -> np.ndarray:
         """The image with ``heat`` (``(H, W)`` in [0, 1]) colour-mapped over it, as uint8."""
-        colours = matplotlib.colormaps[colormap](np.clip(heat.numpy(), 0, 1))[..., :3]
-        blended = (1 - opacity) * self.display(item) + opacity * colours
+        blended = overlay(self.card.denormalize(item.input[None])[0], heat, opacity, colormap)
         picture: np.ndarray = (np.clip(blended, 0, 1) * 255).astype(np.uint8)
         return picture
 

@@ -1,0 +1,96 @@
+"""The web app's model, image pool and maps cache (:class:`~explainkit.app.workbench.Workbench`),
+without any web framework."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from explainkit import figures
+from explainkit.app.workbench import Workbench
+from explainkit.data.datasets import load_split
+
+
+def test_workbench_filters_and_caches(random_model, tiny_folder):
+    bench = Workbench(random_model, torch.device("cpu"))
+    bench.add_dataset(load_split("test", bench.card, tiny_folder))
+    wrong = bench.select(correctness="wrong")
+    assert all(item.label != item.predicted for item in wrong)
+    cats = bench.select(true_class="cat")
+    assert len(cats) == 2 and all(bench.card.classes[item.label] == "cat" for item in cats)
+    ordered = bench.select(order="confidence")
+    assert [item.confidence for item in ordered] == sorted((item.confidence for item in ordered), reverse=True)
+    items = ordered[:2]
+    first = bench.maps(items, "gradcam", None, [[3, 5], [3, 5]])
+    calls = []
+    original = bench.explainer("gradcam", None)
+    bench._explainers[("gradcam", None)] = lambda *a, **k: calls.append(1) or original(*a, **k)
+    again = bench.maps(items, "gradcam", None, [[3, 5], [3, 5]])
+    assert not calls and torch.equal(first, again)  # served from the cache
+    torch.testing.assert_close(first[:, 0], original(torch.stack([i.input for i in items]), targets=3))
+
+
+def test_workbench_rejects_bad_uploads_clearly(random_model, tmp_path):
+    from explainkit.errors import ImageReadError
+
+    bench = Workbench(random_model, torch.device("cpu"))
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(ImageReadError, match="not an image type"):
+        bench.add_upload(tmp_path / "notes.txt")
+    (tmp_path / "bad.jpg").write_bytes(b"nope")
+    with pytest.raises(ImageReadError, match="cannot read image"):
+        bench.add_upload(tmp_path / "bad.jpg")
+    assert not bench.items
+
+
+def test_upload_errors_name_the_file_not_the_server_folder(random_model, tmp_path):
+    from explainkit.errors import ImageReadError
+
+    bench = Workbench(random_model, torch.device("cpu"))
+    (tmp_path / "bad.jpg").write_bytes(b"nope")
+    with pytest.raises(ImageReadError) as caught:
+        bench.add_upload(tmp_path / "bad.jpg")
+    assert "bad.jpg" in str(caught.value) and str(tmp_path) not in str(caught.value)
+
+
+def test_concurrent_uploads_get_distinct_keys(random_model, tmp_path):
+    bench = Workbench(random_model, torch.device("cpu"))
+    path = tmp_path / "same.png"
+    Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8)).save(path)
+    threads = [threading.Thread(target=bench.add_upload, args=(path,)) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(bench.items) == [f"upload/{n}/same.png" for n in range(6)]  # none overwrote another (or its cached maps)
+
+
+def test_blend_is_the_figures_overlay_as_uint8(random_model, tiny_folder):
+    bench = Workbench(random_model, torch.device("cpu"))
+    bench.add_dataset(load_split("test", bench.card, tiny_folder), limit=1)
+    (item,) = bench.items.values()
+    heat = torch.rand(32, 32)
+    for opacity, colormap in ((0.5, "inferno"), (0.8, "viridis")):
+        expected = figures.overlay(bench.card.denormalize(item.input[None])[0], heat, opacity, colormap)
+        picture = bench.blend(item, heat, opacity, colormap)
+        assert picture.dtype == np.uint8 and picture.shape == (32, 32, 3)
+        assert np.abs(picture / 255 - expected).max() <= 1 / 255
+
+
+def test_class_index_targets(random_model, tiny_folder):
+    from explainkit.errors import ExplainkitError
+
+    bench = Workbench(random_model, torch.device("cpu"))
+    bench.add_dataset(load_split("test", bench.card, tiny_folder), limit=1)
+    (item,) = bench.items.values()
+    assert bench.class_index(item, "predicted") == [item.predicted]
+    assert bench.class_index(item, "true") == [item.label]
+    assert bench.class_index(item, "all") == list(range(10))
+    assert bench.class_index(item, "top-k", 3) == item.probabilities.topk(3).indices.tolist()
+    assert bench.class_index(item, "class", class_name="dog") == [bench.card.classes.index("dog")]
+    with pytest.raises(ExplainkitError, match="unknown class 'wolf'"):
+        bench.class_index(item, "class", class_name="wolf")
