@@ -23,9 +23,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from explainkit.cli.layers import layer_table
 from explainkit.explainers.gradient import GradCAM
-from explainkit.models.layers import default_layer_and_reason, dry_input_size, trace_layers
+from explainkit.models.layers import default_layer_and_reason, dry_input_size, layer_table, trace_layers
 
 PAGE = Path(__file__).resolve().parents[1] / "docs" / "supported-models.md"
 MAX_PARAMETERS = 140e6  # the sweep's size limit (random weights, batch of 2, CPU): every VGG, not the largest RegNet/ViTs

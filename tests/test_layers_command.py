@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from explainkit.cli import main
-from explainkit.cli.layers import layer_table
+from explainkit.models.layers import layer_table
 
 
 def test_lists_a_checkpoints_stages_and_marks_the_default(capsys, random_checkpoint):

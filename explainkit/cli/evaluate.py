@@ -9,12 +9,21 @@ from pathlib import Path
 
 import torch
 
-from explainkit.cli.flags import announce, check_spec_flags, load_spec_model
+from explainkit.cli.flags import (
+    add_data_flag,
+    add_device_flags,
+    add_method_flags,
+    add_model_flags,
+    announce,
+    check_spec_flags,
+    load_model_from_flags,
+    positive_int,
+)
 from explainkit.data.datasets import data_dir_from_env, dataset_size, load_split
 from explainkit.errors import ExplainkitError
-from explainkit.evaluation import run
+from explainkit.evaluation import run as evaluation_run
 from explainkit.figures import save_figure
-from explainkit.models.store import load_model, model_card, require_model_path
+from explainkit.models.store import model_card, require_model_path
 from explainkit.registry import parse_methods, require_explainer
 from explainkit.runtime.device import select_device
 from explainkit.runtime.io import ensure_writable_dir, write_json
@@ -23,31 +32,22 @@ FAITHFULNESS_COLUMNS = ["deletion_auc", "insertion_auc", "average_drop", "increa
 SKIPPABLE = ("deletion", "confidence", "road", "sanity")
 
 
-def add_evaluate_parser(sub, positive_int, device_choices) -> None:
-    evaluate = sub.add_parser("evaluate", help="faithfulness metrics per method, with 95%% CIs; --synthetic for ground truth")
-    evaluate.add_argument(
-        "--methods",
-        "--method",
-        dest="methods",
-        default="gradcam,gradcam++,captum-gradcam",
-        help="NAME[,NAME...] (default gradcam,gradcam++,captum-gradcam; see `explainkit methods`)",
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "evaluate", help="faithfulness metrics per method, with 95%% CIs; --synthetic for ground truth"
     )
-    evaluate.add_argument("--layer", help="layer for every method (default: the model's default layer)")
-    evaluate.add_argument("--limit", type=positive_int, default=200, help="test images, evenly spaced (default 200)")
-    evaluate.add_argument("--steps", type=positive_int, default=32, help="deletion/insertion steps (default 32)")
-    evaluate.add_argument("--checkpoint", help="model weights with a .json card; default: newest under the model store")
-    evaluate.add_argument("--models-dir", help="model store (default $EXPLAINKIT_MODELS_DIR or ./models)")
-    evaluate.add_argument("--data-dir", help="ImageFolder tree with test/ (default $EXPLAINKIT_DATA_DIR, else CIFAR-10 download)")
-    evaluate.add_argument("--batch-size", type=positive_int, default=128, help="images per forward (default 128)")
-    evaluate.add_argument("--device", choices=device_choices, default="auto", help="default: cuda, else mps, else cpu")
-    evaluate.add_argument("--out", default="outputs/evaluate", help="output directory (default outputs/evaluate)")
-    evaluate.add_argument("--json", help="metrics file (default OUT/metrics.json)")
-    evaluate.add_argument("--seed", type=int, default=0, help="random seed for baselines, tie orders and bootstrap (default 0)")
-    evaluate.add_argument("--skip", default="", help=f"comma-separated parts to skip: {', '.join(SKIPPABLE)}")
-    evaluate.add_argument("--synthetic", action="store_true", help="the ground-truth localisation benchmark instead")
-    from explainkit.cli.flags import add_spec_flags
-
-    add_spec_flags(evaluate, positive_int)
+    add_method_flags(parser, default="gradcam,gradcam++,captum-gradcam")
+    parser.add_argument("--limit", type=positive_int, default=200, help="test images, evenly spaced (default 200)")
+    parser.add_argument("--steps", type=positive_int, default=32, help="deletion/insertion steps (default 32)")
+    add_model_flags(parser)
+    add_data_flag(parser, "ImageFolder tree with test/ (default $EXPLAINKIT_DATA_DIR, else CIFAR-10 download)")
+    add_device_flags(parser)
+    parser.add_argument("--out", default="outputs/evaluate", help="output directory (default outputs/evaluate)")
+    parser.add_argument("--json", help="metrics file (default OUT/metrics.json)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed for baselines, tie orders and bootstrap (default 0)")
+    parser.add_argument("--skip", default="", help=f"comma-separated parts to skip: {', '.join(SKIPPABLE)}")
+    parser.add_argument("--synthetic", action="store_true", help="the ground-truth localisation benchmark instead")
+    parser.set_defaults(run=run)
 
 
 def _factories(methods: list[str], layer: str | None):
@@ -56,7 +56,7 @@ def _factories(methods: list[str], layer: str | None):
     return {name: (lambda model, r=r: r.factory(model, layer=layer)) for name, r in registered.items()}
 
 
-def run_evaluate(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     methods = parse_methods(args.methods)
     skip = frozenset(s.strip() for s in args.skip.split(",") if s.strip())
     unknown = skip - set(SKIPPABLE)
@@ -84,14 +84,11 @@ def run_evaluate(args: argparse.Namespace) -> int:
             split = load_split("test", card, args.data_dir)
             picks = torch.linspace(0, dataset_size(split) - 1, 2000).long().tolist()
             backgrounds = card.denormalize(torch.stack([split[i][0] for i in picks]))
-        results, _, _ = run.evaluate_synthetic(factories, seed=args.seed, backgrounds=backgrounds)
+        results, _, _ = evaluation_run.evaluate_synthetic(factories, seed=args.seed, backgrounds=backgrounds)
         columns = ["pointing_game", "energy_in_box"]
     else:
-        if args.model:
-            source, model = args.model, load_spec_model(args, device)
-        else:
-            checkpoint = require_model_path(args.checkpoint, args.models_dir)
-            source, model = str(checkpoint), load_model(checkpoint, map_location=device)
+        source = args.model or str(require_model_path(args.checkpoint, args.models_dir))
+        model = load_model_from_flags(args, device)
         factories = _factories(methods, args.layer)
         layer_name = factories[methods[0]](model).layer_name  # also validates --layer
         dataset = load_split("test", model_card(model), args.data_dir)
@@ -100,7 +97,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
             announce(model, args.layer)
         picks = torch.linspace(0, dataset_size(dataset) - 1, min(args.limit, dataset_size(dataset))).long().tolist()
         images = torch.stack([dataset[i][0] for i in picks]).to(device)
-        results, curves = run.evaluate_faithfulness(
+        results, curves = evaluation_run.evaluate_faithfulness(
             model,
             model_card(model),
             factories,
@@ -122,13 +119,13 @@ def run_evaluate(args: argparse.Namespace) -> int:
             "skipped": sorted(skip),
         }
         if curves:
-            save_figure(run.curves_figure(curves), out / "deletion_insertion.png")
+            save_figure(evaluation_run.curves_figure(curves), out / "deletion_insertion.png")
         if "sanity" not in skip:
-            save_figure(run.sanity_figure(results), out / "sanity.png")
+            save_figure(evaluation_run.sanity_figure(results), out / "sanity.png")
         columns = [c for c in FAITHFULNESS_COLUMNS if any(c in v for k, v in results.items() if k != "meta")]
-    results = {"schema_version": run.SCHEMA_VERSION, **results}
+    results = {"schema_version": evaluation_run.SCHEMA_VERSION, **results}
     json_path = Path(args.json) if args.json else out / "metrics.json"
     write_json(json_path, results)
-    print(run.format_table({k: v for k, v in results.items() if k != "schema_version"}, columns))
+    print(evaluation_run.format_table({k: v for k, v in results.items() if k != "schema_version"}, columns))
     print(json_path, file=sys.stderr)
     return 0

@@ -7,7 +7,17 @@ import sys
 
 import torch
 
-from explainkit.cli.flags import announce, check_spec_flags, load_spec_model
+from explainkit.cli.flags import (
+    add_data_flag,
+    add_device_flags,
+    add_method_flags,
+    add_model_flags,
+    announce,
+    check_spec_flags,
+    load_spec_model,
+    non_negative_int,
+    positive_int,
+)
 from explainkit.data.datasets import load_split
 from explainkit.errors import ExplainkitError
 from explainkit.jobs.explain import explain_dataset, explain_images, parse_figure_targets
@@ -21,7 +31,37 @@ from explainkit.runtime.io import ensure_writable_dir
 from explainkit.training.first_model import train_first_model
 
 
-def run_explain(args: argparse.Namespace) -> int:
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("explain", help="per-class and misclassified CAM grids")
+    add_method_flags(parser, default="gradcam")
+    parser.add_argument("--image", nargs="+", metavar="PATH", help="explain these image files instead of the test split")
+    parser.add_argument(
+        "--targets",
+        default="auto",
+        metavar="auto|all|topk:K",
+        help="classes in per_class.png: every class, or each image's K most probable (default auto: all up to 20 classes, else topk:5)",
+    )
+    parser.add_argument("--out", default="outputs", help="output directory (default: outputs/)")
+    parser.add_argument("--samples", type=non_negative_int, default=3, help="images in per_class.png (default 3)")
+    parser.add_argument("--misclassified", type=non_negative_int, default=10, help="rows in misclassified.png (default 10)")
+    parser.add_argument("--limit", type=positive_int, help="test images scanned, evenly spaced over the split (default: all)")
+    parser.add_argument("--bf16", action="store_true", help="run the model under bf16 autocast (the gradient CAMs; for CUDA)")
+    parser.add_argument(
+        "--save-maps",
+        action="store_true",
+        help="also write every map, prediction and probability to OUT/maps.zarr (read with explainkit.load_maps)",
+    )
+    parser.add_argument(
+        "--resume", action="store_true", help="continue an interrupted --save-maps run from the chunks it finished"
+    )
+    add_model_flags(parser)
+    add_data_flag(parser)
+    add_device_flags(parser)
+    parser.add_argument("--no-train", action="store_true", help="with no model anywhere, fail instead of training a quick one")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
     # Everything that can be wrong is checked before anything is written.
     check_spec_flags(args)
     methods = parse_methods(args.methods)

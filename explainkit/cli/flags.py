@@ -1,5 +1,6 @@
-"""The flags that say which model a command runs, shared by ``explain``, ``evaluate`` and ``layers``:
-explainkit's own checkpoints (``--checkpoint``, the model store) or any classifier (``--model SPEC``)."""
+"""Flags shared by several commands, each group declared once: the model source (explainkit's own
+checkpoints with ``--checkpoint``/``--models-dir``, or any classifier with ``--model SPEC``), the
+data (``--data-dir``), the device and batch size, the methods and the layer; and the argparse types."""
 
 from __future__ import annotations
 
@@ -11,7 +12,71 @@ import torch.nn as nn
 
 from explainkit.errors import ExplainkitError
 from explainkit.models.layers import default_layer_and_reason
-from explainkit.models.store import model_card
+from explainkit.models.store import load_model, model_card, require_model_path
+from explainkit.runtime.device import DEVICE_CHOICES
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def add_model_flags(parser: argparse.ArgumentParser) -> None:
+    """``--checkpoint``/``--models-dir`` (explainkit's model store) and ``--model SPEC`` with what refines it."""
+    parser.add_argument(
+        "--checkpoint", help="model weights (.pt/.safetensors) with a .json card beside; default: newest under the model store"
+    )
+    parser.add_argument("--models-dir", help="model store (default $EXPLAINKIT_MODELS_DIR or ./models)")
+    add_spec_flags(parser)
+
+
+def add_data_flag(parser: argparse.ArgumentParser, help: str | None = None) -> None:  # noqa: A002 - argparse's word
+    parser.add_argument(
+        "--data-dir", help=help or "ImageFolder tree with train/ and test/ (default $EXPLAINKIT_DATA_DIR, else CIFAR-10 download)"
+    )
+
+
+def add_device_flags(parser: argparse.ArgumentParser, batch_size: int | None = 128) -> None:
+    """``--device`` and, unless ``batch_size`` is None, ``--batch-size`` with that default."""
+    if batch_size is not None:
+        parser.add_argument(
+            "--batch-size", type=positive_int, default=batch_size, help=f"images per forward (default {batch_size})"
+        )
+    parser.add_argument("--device", choices=DEVICE_CHOICES, default="auto", help="default: cuda, else mps, else cpu")
+
+
+def add_method_flags(parser: argparse.ArgumentParser, default: str) -> None:
+    """``--method NAME[,NAME...]`` (also spelled ``--methods``) and ``--layer``."""
+    parser.add_argument(
+        "--method",
+        "--methods",
+        dest="methods",
+        default=default,
+        help=f"NAME[,NAME...] (default {default}; see `explainkit methods`)",
+    )
+    parser.add_argument("--layer", help="dotted submodule path, e.g. layer4 or layer3.1 (default: the model's, printed)")
+
+
+def load_model_from_flags(args: argparse.Namespace, device: torch.device) -> nn.Module:
+    """The model the flags name: ``--model SPEC``, else ``--checkpoint``, else the newest in the store."""
+    if args.model:
+        return load_spec_model(args, device)
+    return load_model(require_model_path(args.checkpoint, args.models_dir), map_location=device)
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -22,7 +87,7 @@ def _floats(text: str) -> tuple[float, ...]:
     return values
 
 
-def add_spec_flags(parser: argparse.ArgumentParser, positive_int) -> None:
+def add_spec_flags(parser: argparse.ArgumentParser) -> None:
     """``--model SPEC`` and what refines it."""
     group = parser.add_argument_group("any classifier (instead of --checkpoint)")
     group.add_argument(

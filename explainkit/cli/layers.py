@@ -5,52 +5,23 @@ from __future__ import annotations
 import argparse
 
 import torch
-import torch.nn as nn
 
-from explainkit.cli.flags import check_spec_flags, load_spec_model
+from explainkit.cli.flags import add_model_flags, check_spec_flags, load_model_from_flags
 from explainkit.errors import ExplainkitError
-from explainkit.models.layers import BLOCK_NORMS, default_layer_and_reason, trace_layers
-from explainkit.models.store import load_model, model_card, require_model_path
+from explainkit.models.layers import default_layer_and_reason, layer_table
+from explainkit.models.store import model_card
 
 
-def _listed(name: str, module: nn.Module, everything: bool) -> bool:
-    """Stages, blocks and block norms by default (depth <= 2 and transformer block norms); all with --all."""
-    if everything:
-        return True
-    return name.count(".") <= 1 or name.rsplit(".", 1)[-1] in BLOCK_NORMS
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("layers", help="a model's candidate CAM layers, their output shapes and the default")
+    parser.add_argument("--all", action="store_true", help="every submodule, not only stages, blocks and their norms")
+    add_model_flags(parser)
+    parser.set_defaults(run=run)
 
 
-def layer_table(model: nn.Module, input_size: tuple[int, int, int], everything: bool = False) -> list[dict[str, str]]:
-    """One row per candidate layer: ``name``, ``shape`` of its output for a ``(1, *input_size)``
-    batch, ``reading`` (how explainkit turns it into a map) and ``default`` ("*" for the default
-    layer). Reads the same dry forward that picks the default layer."""
-    default, _ = default_layer_and_reason(model)
-    trace = trace_layers(model, input_size)
-    if trace.error is not None:
-        raise ExplainkitError(f"the model's forward on a 1x{'x'.join(map(str, input_size))} batch failed: {trace.error}")
-    rows = []
-    for name, module in model.named_modules():
-        if not name or not (_listed(name, module, everything) or name == default):
-            continue
-        shape = trace.outputs.get(name)
-        if shape is None:
-            reading = "not run by the forward"
-        elif isinstance(shape, str):
-            reading = f"returns {shape}: not usable"
-        else:
-            reading = trace.reading(model, name) or "not a feature map"
-        shown = "x".join(map(str, shape)) if isinstance(shape, tuple) else "-"
-        rows.append({"name": name, "shape": shown, "reading": reading, "default": "*" if name == default else ""})
-    return rows
-
-
-def run_layers(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     check_spec_flags(args)
-    device = torch.device("cpu")
-    if args.model:
-        model = load_spec_model(args, device)
-    else:
-        model = load_model(require_model_path(args.checkpoint, args.models_dir), map_location=device)
+    model = load_model_from_flags(args, torch.device("cpu"))
     card = model_card(model)
     print(f"{card.architecture}: {card.num_classes} classes; input {'x'.join(map(str, card.input_size))}")
     rows = layer_table(model, tuple(card.input_size), everything=args.all)  # type: ignore[arg-type]

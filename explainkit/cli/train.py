@@ -1,4 +1,4 @@
-"""``explainkit train`` and ``explainkit lr-find``."""
+"""``explainkit train``: a CIFAR ResNet18 with a recipe."""
 
 from __future__ import annotations
 
@@ -6,10 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch.nn as nn
-
+from explainkit.cli.flags import add_data_flag, add_device_flags, positive_int
 from explainkit.data.datasets import check_image_folder, data_dir_from_env
-from explainkit.models.card import ModelCard
 from explainkit.runtime.device import select_device
 from explainkit.runtime.io import ensure_writable_dir
 from explainkit.training.first_model import STORE_FOLDER
@@ -24,7 +22,7 @@ def default_train_out(models_dir: str | None) -> Path:
     return store(models_dir) / DEFAULT_OUT.name
 
 
-def run_train(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     from explainkit.training.trainer import train
 
     recipe = resolve_recipe(
@@ -59,38 +57,6 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_lr_find(args: argparse.Namespace) -> int:
-    import torch
-    from torch.utils.data import DataLoader
-
-    from explainkit.models.store import resnet18_cifar
-    from explainkit.training.lr_find import find_lr
-    from explainkit.training.trainer import limit_dataset, load_datasets, make_optimizer
-
-    recipe = resolve_recipe("reference", batch_size=args.batch_size, train_limit=args.train_limit)
-    device = select_device(args.device)
-    out = ensure_writable_dir(args.out)
-    train_set, _, classes = load_datasets(args.data_dir, recipe, ModelCard())
-    train_set = limit_dataset(train_set, recipe.train_limit, args.seed, spread=False)
-    torch.manual_seed(args.seed)
-    generator = torch.Generator().manual_seed(args.seed)
-    loader = DataLoader(
-        train_set,
-        batch_size=recipe.batch_size,
-        shuffle=True,
-        generator=generator,
-        num_workers=1 if device.type == "cpu" else 8,
-        pin_memory=device.type == "cuda",
-    )
-    model = resnet18_cifar(len(classes)).to(device)
-    suggested = find_lr(
-        model, make_optimizer(recipe, model, 1e-7), nn.CrossEntropyLoss(), loader, device, out, num_iter=args.num_iter
-    )
-    print(f"suggested LR (steepest gradient): {suggested:.3e}")
-    print(out / "lr_find.png")
-    return 0
-
-
 def lr_value(text: str) -> float | str:
     if text == "auto":
         return text
@@ -103,43 +69,35 @@ def lr_value(text: str) -> float | str:
     return value
 
 
-def add_train_parser(sub, positive_int, device_choices) -> None:
-    train = sub.add_parser("train", help="train a CIFAR ResNet18 (reference, default or quick recipe)")
-    train.add_argument(
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("train", help="train a CIFAR ResNet18 (reference, default or quick recipe)")
+    parser.add_argument(
         "--recipe",
         choices=("default", "reference", "quick"),
         default="default",
         help="reference = the course run; default = our GPU recipe; quick = ~5 min on a CPU",
     )
-    train.add_argument("--epochs", type=positive_int)
-    train.add_argument("--batch-size", type=positive_int)
-    train.add_argument("--lr", type=lr_value, help="OneCycle max LR, or 'auto' to run the LR range test first")
-    train.add_argument("--optimizer", choices=("adam", "sgd"))
-    train.add_argument("--data-dir", help="ImageFolder tree with train/ and test/ (default: torchvision CIFAR-10)")
-    train.add_argument("--out", help=f"output directory (default {DEFAULT_OUT}/ in the model store)")
-    train.add_argument("--models-dir", help="model store (default $EXPLAINKIT_MODELS_DIR or ./models)")
-    train.add_argument("--train-limit", type=positive_int, help="train on a seeded random subset of N images")
-    train.add_argument("--test-limit", type=positive_int, help="evaluate on N evenly spaced test images")
-    train.add_argument("--resume", action="store_true", help="continue from OUT/last.ckpt")
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--workers", type=int, help="DataLoader workers (default: 1 on CPU, up to 8 on CUDA)")
-    train.add_argument(
+    parser.add_argument("--epochs", type=positive_int, help="epochs (default: the recipe's)")
+    parser.add_argument("--batch-size", type=positive_int, help="images per step (default: the recipe's)")
+    parser.add_argument("--lr", type=lr_value, help="OneCycle max LR, or 'auto' to run the LR range test first")
+    parser.add_argument("--optimizer", choices=("adam", "sgd"), help="default: the recipe's")
+    add_data_flag(parser, "ImageFolder tree with train/ and test/ (default $EXPLAINKIT_DATA_DIR, else torchvision CIFAR-10)")
+    parser.add_argument("--out", help=f"output directory (default {DEFAULT_OUT}/ in the model store)")
+    parser.add_argument("--models-dir", help="model store (default $EXPLAINKIT_MODELS_DIR or ./models)")
+    parser.add_argument("--train-limit", type=positive_int, help="train on a seeded random subset of N images")
+    parser.add_argument("--test-limit", type=positive_int, help="evaluate on N evenly spaced test images")
+    parser.add_argument("--resume", action="store_true", help="continue from OUT/last.ckpt")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--workers", type=int, help="DataLoader workers (default: 1 on CPU, up to 8 on CUDA)")
+    parser.add_argument(
         "--data-path",
         choices=("auto", "loader", "device"),
         default="auto",
         help="device = decode the splits once into tensors on the device and augment there; "
         "loader = PIL + albumentations in DataLoader workers; auto (default) = device on CUDA",
     )
-    train.add_argument(
+    parser.add_argument(
         "--compile", action="store_true", help="torch.compile the model (measured on an H200: slower for this model)"
     )
-    train.add_argument("--device", choices=device_choices, default="auto")
-
-    lr_find = sub.add_parser("lr-find", help="LR range test: suggest a max LR and save lr_find.png")
-    lr_find.add_argument("--data-dir")
-    lr_find.add_argument("--out", default="outputs")
-    lr_find.add_argument("--batch-size", type=positive_int, default=512)
-    lr_find.add_argument("--train-limit", type=positive_int)
-    lr_find.add_argument("--num-iter", type=positive_int, default=100, help="batches in the sweep (default 100)")
-    lr_find.add_argument("--device", choices=device_choices, default="auto")
-    lr_find.add_argument("--seed", type=int, default=0)
+    add_device_flags(parser, batch_size=None)
+    parser.set_defaults(run=run)

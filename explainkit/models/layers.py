@@ -155,6 +155,37 @@ def trace_layers(model: nn.Module, input_size: tuple[int, int, int] | None = Non
     return trace
 
 
+def _listed(name: str, module: nn.Module, everything: bool) -> bool:
+    """Stages, blocks and block norms by default (depth <= 2 and transformer block norms); all with --all."""
+    if everything:
+        return True
+    return name.count(".") <= 1 or name.rsplit(".", 1)[-1] in BLOCK_NORMS
+
+
+def layer_table(model: nn.Module, input_size: tuple[int, int, int], everything: bool = False) -> list[dict[str, str]]:
+    """One row per candidate layer: ``name``, ``shape`` of its output for a ``(1, *input_size)``
+    batch, ``reading`` (how explainkit turns it into a map) and ``default`` ("*" for the default
+    layer). Reads the same dry forward that picks the default layer."""
+    default, _ = default_layer_and_reason(model)
+    trace = trace_layers(model, input_size)
+    if trace.error is not None:
+        raise LayerNotFoundError(f"the model's forward on a 1x{'x'.join(map(str, input_size))} batch failed: {trace.error}")
+    rows = []
+    for name, module in model.named_modules():
+        if not name or not (_listed(name, module, everything) or name == default):
+            continue
+        shape = trace.outputs.get(name)
+        if shape is None:
+            reading = "not run by the forward"
+        elif isinstance(shape, str):
+            reading = f"returns {shape}: not usable"
+        else:
+            reading = trace.reading(model, name) or "not a feature map"
+        shown = "x".join(map(str, shape)) if isinstance(shape, tuple) else "-"
+        rows.append({"name": name, "shape": shown, "reading": reading, "default": "*" if name == default else ""})
+    return rows
+
+
 def candidate_layers(model: nn.Module) -> list[str]:
     """Dotted names of the submodules that produce feature maps (containers and Conv2d)."""
     names = []
