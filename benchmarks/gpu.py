@@ -39,7 +39,7 @@ import torch  # noqa: E402
 
 from explainkit.models.store import save_model  # noqa: E402
 from explainkit.training.recipes import resolve_recipe  # noqa: E402
-from explainkit.training.trainer import load_device_splits, train  # noqa: E402
+from explainkit.training.trainer import TrainConfig, load_device_splits, train  # noqa: E402
 
 PART_SIZE = 12 * 2**20
 RUNS = (("default", 0), ("default", 1), ("reference", 0))
@@ -79,13 +79,15 @@ def train_run(args, recipe_name: str, seed: int, splits, device, scratch: Path, 
     started = time.perf_counter()
     result = train(
         recipe,
-        out,
-        device=device,
-        seed=seed,
-        data_path="device",
-        splits=splits,
-        lr_find_iters=20 if args.dry_run else 100,
-        progress=False,
+        TrainConfig(
+            out,
+            device=device,
+            seed=seed,
+            data_path="device",
+            splits=splits,
+            lr_find_iters=20 if args.dry_run else 100,
+            progress=False,
+        ),
     )
     wall = time.perf_counter() - started
     card = json.loads((out / "model.json").read_text())
@@ -148,13 +150,15 @@ def compile_probe(args, splits, device, scratch: Path, results: dict) -> None:
     started = time.perf_counter()
     result = train(
         resolve_recipe("default", **overrides),
-        scratch / "compiled",
-        device=device,
-        seed=0,
-        data_path="device",
-        splits=splits,
-        compile="eager" if args.dry_run else True,
-        reports_enabled=False,
+        TrainConfig(
+            scratch / "compiled",
+            device=device,
+            seed=0,
+            data_path="device",
+            splits=splits,
+            compile="eager" if args.dry_run else True,
+            reports=False,
+        ),
     )
     seconds = [r["seconds"] for r in result.history]
     eager = results["runs"]["default-s0"]["epoch_seconds"]

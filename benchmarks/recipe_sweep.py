@@ -31,7 +31,7 @@ import torch  # noqa: E402
 
 from benchmarks.gpu import data_root, environment, log, package_model, package_reports, write_results  # noqa: E402
 from explainkit.training.recipes import resolve_recipe  # noqa: E402
-from explainkit.training.trainer import load_device_splits, train  # noqa: E402
+from explainkit.training.trainer import TrainConfig, load_device_splits, train  # noqa: E402
 
 
 def parse_variant(text: str) -> tuple[str, str, dict]:
@@ -56,14 +56,16 @@ def run_variant(args, name, recipe_name, overrides, seed, splits, device, scratc
     out = scratch / f"{name}-s{seed}"
     result = train(
         recipe,
-        out,
-        device=device,
-        seed=seed,
-        data_path="device",
-        splits=splits,
-        lr_find_iters=lr_find_iters,
-        progress=False,
-        reports_enabled=seed == 0,
+        TrainConfig(
+            out,
+            device=device,
+            seed=seed,
+            data_path="device",
+            splits=splits,
+            lr_find_iters=lr_find_iters,
+            progress=False,
+            reports=seed == 0,
+        ),
     )
     last = result.history[-1]
     results["runs"][f"{name}-s{seed}"] = {

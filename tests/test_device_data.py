@@ -10,7 +10,7 @@ from scipy.stats import chi2_contingency
 
 from explainkit.models.card import CIFAR10_MEAN, CIFAR10_STD
 from explainkit.training.augment import AlbumentationsTransform, train_augmentation
-from explainkit.training.device_data import DeviceAugment, DeviceBatches, DeviceSplit, decode_image_folder, normalize
+from explainkit.training.device_data import DeviceAugment, DeviceBatches, DeviceSplit, Shard, decode_image_folder, normalize
 from explainkit.training.recipes import resolve_recipe
 
 SAMPLES = 3000
@@ -107,7 +107,7 @@ def test_ranks_share_the_split_without_padding():
     split = DeviceSplit(torch.zeros(19, 3, 32, 32, dtype=torch.uint8), torch.arange(19), ["a"])
     seen = []
     for rank in range(2):
-        batches = DeviceBatches(split, 4, CIFAR10_MEAN, CIFAR10_STD, rank=rank, world_size=2)
+        batches = DeviceBatches(split, 4, CIFAR10_MEAN, CIFAR10_STD, shard=Shard(rank, 2))
         seen += [int(v) for _, y in batches for v in y]
         assert len(batches) == (len(range(rank, 19, 2)) + 3) // 4
     assert sorted(seen) == list(range(19))

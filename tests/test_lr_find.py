@@ -32,5 +32,5 @@ def test_finite_lr_in_range_and_plot_written(tmp_path):
 
 def test_too_few_iterations():
     model, optimizer, criterion, loader = _setup()
-    with pytest.raises(ExplainkitError, match="at least"):
+    with pytest.raises(ExplainkitError, match="num_iter=5: the LR range test needs at least"):
         find_lr(model, optimizer, criterion, loader, torch.device("cpu"), None, num_iter=5)

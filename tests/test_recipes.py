@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from explainkit.errors import ExplainkitError
@@ -18,9 +20,17 @@ def test_flags_override_the_recipe():
     assert (r.epochs, r.lr, r.batch_size) == (3, 0.01, 512)
 
 
-@pytest.mark.parametrize("overrides", [{"epochs": 0}, {"lr": -0.1}, {"batch_size": 0}, {"optimizer": "lion"}])
-def test_bad_values(overrides):
-    with pytest.raises(ExplainkitError):
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"epochs": 0}, "epochs=0: must be at least 1"),
+        ({"lr": -0.1}, "lr=-0.1: must be 'auto' or a positive number"),
+        ({"batch_size": 0}, "batch_size=0: must be at least 1"),
+        ({"optimizer": "lion"}, "optimizer='lion': must be adam or sgd"),
+    ],
+)
+def test_bad_values(overrides, message):
+    with pytest.raises(ExplainkitError, match=re.escape(message)):
         resolve_recipe("default", **overrides)
-    with pytest.raises(ExplainkitError, match="unknown recipe"):
+    with pytest.raises(ExplainkitError, match="recipe='fast': unknown recipe"):
         resolve_recipe("fast")

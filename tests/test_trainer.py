@@ -14,7 +14,21 @@ import torch
 
 import explainkit
 from explainkit.training.recipes import resolve_recipe
-from explainkit.training.trainer import load_checkpoint, train
+from explainkit.training.trainer import (
+    Progress,
+    TrainConfig,
+    build_model,
+    choose_lr,
+    final_confusion,
+    load_checkpoint,
+    load_data,
+    make_learner,
+    resume_state,
+    run_epoch,
+    setup,
+    train,
+    train_one_epoch,
+)
 from tests.conftest import REPO
 
 
@@ -27,7 +41,7 @@ def _recipe(**overrides):
 @pytest.fixture(scope="module")
 def trained_run(color_folder, tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    result = train(_recipe(), out, data_dir=color_folder, workers=0)
+    result = train(_recipe(), TrainConfig(out, data_dir=color_folder, workers=0))
     return out, result
 
 
@@ -175,7 +189,7 @@ def test_one_cycle_survives_tiny_runs(total_steps):
 
 def test_device_data_path_learns_and_records_itself(color_folder, tmp_path):
     """The device-resident path (CPU here): same loop, same outputs, recorded on the card."""
-    result = train(_recipe(epochs=3), tmp_path, data_dir=color_folder, data_path="device", progress=False)
+    result = train(_recipe(epochs=3), TrainConfig(tmp_path, data_dir=color_folder, data_path="device", progress=False))
     losses = [row["train_loss"] for row in result.history]
     assert losses[-1] < losses[0] and result.train_seconds > 0
     card = explainkit.load_model(tmp_path / "model.pt").card
@@ -185,5 +199,38 @@ def test_device_data_path_learns_and_records_itself(color_folder, tmp_path):
 
 
 def test_unknown_data_path_is_a_clear_error(color_folder, tmp_path):
-    with pytest.raises(explainkit.ExplainkitError, match="--data-path"):
-        train(_recipe(epochs=1), tmp_path, data_dir=color_folder, data_path="gpu")
+    with pytest.raises(explainkit.ExplainkitError, match="data_path='gpu': must be one of auto, loader, device"):
+        train(_recipe(epochs=1), TrainConfig(tmp_path, data_dir=color_folder, data_path="gpu"))
+
+
+def test_resume_without_a_checkpoint_names_the_parameter(color_folder, tmp_path):
+    with pytest.raises(explainkit.ExplainkitError, match=r"resume=True: no .*last\.ckpt to continue from; pass resume=False"):
+        train(_recipe(epochs=1), TrainConfig(tmp_path / "run", data_dir=color_folder, resume=True))
+
+
+def test_a_bad_data_dir_fails_before_creating_the_output(tmp_path):
+    (tmp_path / "data" / "test" / "cat").mkdir(parents=True)
+    with pytest.raises(explainkit.ExplainkitError, match="train/"):
+        train(_recipe(epochs=1), TrainConfig(tmp_path / "out", data_dir=tmp_path / "data"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_steps_one_at_a_time(color_folder, tmp_path):
+    """Each step of train() is a function of small typed values."""
+    recipe = _recipe(epochs=1, train_limit=32, test_limit=10)
+    run = setup(recipe, TrainConfig(tmp_path, data_dir=color_folder, workers=0, progress=False))
+    assert run.out == tmp_path and run.device.type == "cpu" and not run.ctx.enabled
+    same, checkpoint = resume_state(recipe, run)
+    assert same is recipe and checkpoint is None
+    data = load_data(recipe, run)
+    assert data.path == "loader" and data.steps == 2 and len(data.classes) == 10
+    model = build_model(len(data.classes), run)
+    chosen, written = choose_lr(recipe, model, data, run)
+    assert chosen is recipe and written == []  # a fixed LR: no range test
+    learner = make_learner(recipe, model, run, total_steps=data.steps)
+    totals = train_one_epoch(learner, data, run, "epoch")
+    assert totals.seen == 32 and 0 <= totals.correct <= 32 and totals.loss > 0
+    row, confusion = run_epoch(learner, data, run, epoch=1, epochs=2)
+    assert row["epoch"] == 2 and confusion.sum() == 10
+    progress = Progress()
+    assert final_confusion(learner, data, run, progress).sum() == 10 and 0 <= progress.test_accuracy <= 1

@@ -7,9 +7,7 @@ import sys
 from pathlib import Path
 
 from explainkit.cli.flags import add_data_flag, add_device_flags, positive_int
-from explainkit.data.datasets import check_image_folder, data_dir_from_env
 from explainkit.runtime.device import select_device
-from explainkit.runtime.io import ensure_writable_dir
 from explainkit.training.first_model import STORE_FOLDER
 from explainkit.training.recipes import resolve_recipe
 
@@ -23,7 +21,7 @@ def default_train_out(models_dir: str | None) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    from explainkit.training.trainer import train
+    from explainkit.training.trainer import TrainConfig, train
 
     recipe = resolve_recipe(
         args.recipe,
@@ -34,23 +32,17 @@ def run(args: argparse.Namespace) -> int:
         train_limit=args.train_limit,
         test_limit=args.test_limit,
     )
-    device = select_device(args.device)
-    root = data_dir_from_env(args.data_dir)
-    if root is not None:  # fail on a bad layout before creating anything
-        check_image_folder(root, ("train", "test"))
-    out = ensure_writable_dir(args.out or default_train_out(getattr(args, "models_dir", None)))
-    print(f"training resnet18-cifar with the {recipe.name!r} recipe on {device} into {out}/", file=sys.stderr)
-    result = train(
-        recipe,
-        out,
+    config = TrainConfig(
+        out=Path(args.out) if args.out else default_train_out(getattr(args, "models_dir", None)),
         data_dir=args.data_dir,
-        device=device,
+        device=select_device(args.device),
         seed=args.seed,
         resume=args.resume,
         workers=args.workers,
         data_path=args.data_path,
         compile=args.compile,
     )
+    result = train(recipe, config)
     print(f"test accuracy {100 * result.test_accuracy:.2f}% after {len(result.history)} epochs", file=sys.stderr)
     for path in result.outputs:
         print(path)

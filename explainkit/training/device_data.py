@@ -31,6 +31,17 @@ from explainkit.training.augment import CUTOUT_SIZE, PADDED_SIZE
 from explainkit.training.recipes import Recipe
 
 
+@dataclass(frozen=True)
+class Shard:
+    """One process's share of a split under DDP: every ``world_size``-th item from ``rank`` (no padding)."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    def indices(self, count: int) -> range:
+        return range(self.rank, count, self.world_size)
+
+
 @dataclass
 class DeviceSplit:
     """One split as tensors: ``images`` uint8 ``(N, 3, H, W)`` and ``labels`` int64 ``(N,)``."""
@@ -150,9 +161,9 @@ def normalize(
 class DeviceBatches:
     """Shuffled (or, for evaluation, in-order) batches of a :class:`DeviceSplit` on its device.
 
-    Under DDP each rank takes every ``world_size``-th index of the epoch's permutation (train) or of
-    the split (test): every image once, no padding. Iterating twice without :meth:`set_epoch`
-    repeats the same order and augmentation.
+    Under DDP each rank takes its ``shard`` (every ``world_size``-th index from ``rank``) of the
+    epoch's permutation (train) or of the split (test): every image once, no padding. Iterating
+    twice without :meth:`set_epoch` repeats the same order and augmentation.
     """
 
     def __init__(
@@ -164,12 +175,10 @@ class DeviceBatches:
         augment: DeviceAugment | None = None,
         shuffle: bool = False,
         seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
+        shard: Shard = Shard(),
     ) -> None:
         self.split, self.batch_size, self.mean, self.std = split, batch_size, mean, std
-        self.augment, self.shuffle, self.seed = augment, shuffle, seed
-        self.rank, self.world_size = rank, world_size
+        self.augment, self.shuffle, self.seed, self.shard = augment, shuffle, seed, shard
         self.epoch = 0
         self.channels_last = split.images.device.type == "cuda"
         self.affine = _affine(mean, std, split.images.device)  # once: no host-to-device copy per batch
@@ -181,11 +190,11 @@ class DeviceBatches:
         device = self.split.labels.device
         count = len(self.split)
         order = torch.randperm(count, device=device, generator=generator) if self.shuffle else torch.arange(count, device=device)
-        return order[self.rank :: self.world_size]
+        return order[self.shard.rank :: self.shard.world_size]
 
     def __len__(self) -> int:
-        shard = len(range(self.rank, len(self.split), self.world_size))
-        return (shard + self.batch_size - 1) // self.batch_size
+        mine = len(self.shard.indices(len(self.split)))
+        return (mine + self.batch_size - 1) // self.batch_size
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         generator = torch.Generator(device=self.split.labels.device)

@@ -16,7 +16,7 @@ STORE_FOLDER = "resnet18-cifar10"  # train's default --out inside the store
 
 def train_first_model(device: torch.device, store: str | Path | None = None, data_dir: str | Path | None = None) -> Path:
     """Train ``quick`` (CPU, minutes) or ``default`` (GPU) into the store; return the weights' path."""
-    from explainkit.training.trainer import train
+    from explainkit.training.trainer import TrainConfig, train
 
     recipe_name = "default" if device.type == "cuda" else "quick"
     out = ensure_writable_dir(models_dir(store) / STORE_FOLDER)
@@ -29,7 +29,7 @@ def train_first_model(device: torch.device, store: str | Path | None = None, dat
             file=sys.stderr,
         )
     else:
-        print(f"explainkit: no model in {out.parent}/; training one with the 'default' recipe on {device}", file=sys.stderr)
-    result = train(resolve_recipe(recipe_name), out, data_dir=data_dir, device=device)
+        print(f"explainkit: no model in {out.parent}/; training one first", file=sys.stderr)
+    result = train(resolve_recipe(recipe_name), TrainConfig(out, data_dir=data_dir, device=device))
     print(f"test accuracy {100 * result.test_accuracy:.2f}% after {len(result.history)} epochs", file=sys.stderr)
     return result.model_path

@@ -39,7 +39,7 @@ def find_lr(
     ``lr_find.png`` into ``out`` if given.
     """
     if num_iter < SKIP_START + SKIP_END + 2:
-        raise ExplainkitError(f"the LR range test needs at least {SKIP_START + SKIP_END + 2} iterations, got {num_iter}")
+        raise ExplainkitError(f"num_iter={num_iter}: the LR range test needs at least {SKIP_START + SKIP_END + 2} iterations")
     for group in optimizer.param_groups:
         group["lr"] = START_LR
     finder = LRFinder(model, optimizer, criterion, device=device)
@@ -53,7 +53,7 @@ def find_lr(
     finally:
         finder.reset()
     if suggested is None or not math.isfinite(suggested):
-        raise ExplainkitError("the LR range test found no usable learning rate (the loss never decreased); pass --lr")
+        raise ExplainkitError("the LR range test found no usable learning rate (the loss never decreased); pass lr= explicitly")
     ax.set_title(f"LR range test: steepest gradient at {suggested:.2e}")
     if out is not None:
         save_figure(fig, Path(out) / "lr_find.png")

@@ -1,4 +1,4 @@
-"""Training recipes. Explicit command-line flags override a recipe's fields."""
+"""Training recipes. Explicit overrides (the command line's flags) replace a recipe's fields."""
 
 from __future__ import annotations
 
@@ -90,14 +90,14 @@ RECIPES = {
 def resolve_recipe(name: str, **overrides: Any) -> Recipe:
     """The named recipe with every non-None override applied, validated."""
     if name not in RECIPES:
-        raise ExplainkitError(f"unknown recipe {name!r}; choose from {', '.join(RECIPES)}")
+        raise ExplainkitError(f"recipe={name!r}: unknown recipe; choose from {', '.join(RECIPES)}")
     recipe = replace(RECIPES[name], **{k: v for k, v in overrides.items() if v is not None})
     if recipe.epochs <= 0:
-        raise ExplainkitError(f"--epochs must be at least 1, got {recipe.epochs}")
+        raise ExplainkitError(f"epochs={recipe.epochs}: must be at least 1")
     if recipe.batch_size <= 0:
-        raise ExplainkitError(f"--batch-size must be at least 1, got {recipe.batch_size}")
+        raise ExplainkitError(f"batch_size={recipe.batch_size}: must be at least 1")
     if recipe.lr != "auto" and (not isinstance(recipe.lr, (int, float)) or not recipe.lr > 0):
-        raise ExplainkitError(f"--lr must be 'auto' or a positive number, got {recipe.lr}")
+        raise ExplainkitError(f"lr={recipe.lr!r}: must be 'auto' or a positive number")
     if recipe.optimizer not in ("adam", "sgd"):
-        raise ExplainkitError(f"--optimizer must be adam or sgd, got {recipe.optimizer!r}")
+        raise ExplainkitError(f"optimizer={recipe.optimizer!r}: must be adam or sgd")
     return recipe

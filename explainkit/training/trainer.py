@@ -1,8 +1,13 @@
 """The training loop: OneCycle, per-epoch evaluation, atomic resumable checkpoints, DDP under torchrun.
 
 Every file is written atomically. ``last.ckpt`` is saved after each epoch with the model,
-optimiser, scheduler, epoch, RNG states and history, so ``--resume`` continues a run killed at
+optimiser, scheduler, epoch, RNG states and history, so ``resume=True`` continues a run killed at
 any point (even by SIGKILL) from its last completed epoch.
+
+:func:`train` is a short list of steps, each a function of small typed values a test can call:
+:func:`setup` -> :func:`resume_state` -> :func:`load_data` -> :func:`build_model` ->
+:func:`choose_lr` (the LR range test) -> :func:`make_learner` -> :func:`restore` ->
+:func:`run_epochs` -> :func:`final_confusion` -> :func:`finish` (model and card, reports).
 """
 
 from __future__ import annotations
@@ -10,16 +15,18 @@ from __future__ import annotations
 import csv
 import datetime
 import random
+import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, NamedTuple
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim.lr_scheduler import LRScheduler
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset
 from torch.utils.data.distributed import DistributedSampler
 from tqdm.auto import tqdm
@@ -29,13 +36,14 @@ from explainkit.errors import DataError, ExplainkitError
 from explainkit.models.card import ModelCard
 from explainkit.models.store import resnet18_cifar, save_model
 from explainkit.runtime.distributed import DistContext, init_distributed
-from explainkit.runtime.io import atomic_path
-from explainkit.training import figures as reports
+from explainkit.runtime.io import atomic_path, ensure_writable_dir
+from explainkit.training import figures as report_figures
 from explainkit.training.augment import AlbumentationsTransform, train_augmentation
 from explainkit.training.device_data import (
     DeviceAugment,
     DeviceBatches,
     DeviceSplit,
+    Shard,
     SplitDataset,
     decode_image_folder,
     split_from_dataset,
@@ -44,6 +52,117 @@ from explainkit.training.lr_find import find_lr
 from explainkit.training.recipes import Recipe
 
 HISTORY_FIELDS = ["epoch", "lr", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "seconds"]
+DATA_PATHS = ("auto", "loader", "device")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Where and how one run trains (the :class:`Recipe` says what it trains).
+
+    ``data_path``: ``"loader"`` (PIL + albumentations in DataLoader workers), ``"device"`` (the split as
+    a uint8 tensor on the device, augmented with torch ops) or ``"auto"`` (device on CUDA).
+    ``compile``: wrap the model in ``torch.compile`` (a string names its backend, e.g. ``"eager"`` in tests).
+    ``splits``: already decoded ``(train, test)`` splits for the device path (several runs, one decode).
+    ``reports``: write the report figures. ``progress``: a progress bar per epoch (rank 0).
+    """
+
+    out: Path
+    data_dir: str | Path | None = None
+    device: torch.device | None = None  # None: the CPU
+    seed: int = 0
+    resume: bool = False
+    workers: int | None = None  # DataLoader workers (None: 1 on CPU, up to 8 on CUDA)
+    data_path: str = "auto"
+    compile: bool | str = False
+    lr_find_iters: int = 100
+    splits: tuple[DeviceSplit, DeviceSplit] | None = None
+    reports: bool = True
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class Run:
+    """This process's part of a run: its config, output folder, device (this rank's GPU under torchrun), process group."""
+
+    config: TrainConfig
+    out: Path
+    device: torch.device
+    ctx: DistContext
+
+    @property
+    def amp(self) -> bool:
+        return self.device.type == "cuda"
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.out / "last.ckpt"
+
+    @property
+    def shard(self) -> Shard:
+        return Shard(self.ctx.rank, self.ctx.world_size)
+
+
+@dataclass
+class TrainData:
+    """The batches one training run iterates, whichever data path made them.
+
+    ``train``/``test`` yield ``(images, labels)`` already on the device for the device path
+    (moved by the loop otherwise); ``report_test``/``report_train`` are map-style datasets of
+    this rank's test shard and the training split for the report figures.
+    """
+
+    path: str  # "loader" | "device"
+    train: Iterable
+    test: Iterable
+    report_test: Dataset
+    report_train: Dataset
+    classes: list[str]
+    start_epoch: Callable[[int], None]
+
+    @property
+    def steps(self) -> int:
+        """Training batches per epoch."""
+        return len(self.train)  # type: ignore[arg-type]
+
+
+@dataclass
+class Learner:
+    """What one optimisation step touches."""
+
+    model: nn.Module  # the bare model: checkpoints and the saved model
+    net: nn.Module  # what the loop calls: the model, or its DDP / compiled wrapper
+    optimizer: torch.optim.Optimizer
+    scheduler: LRScheduler
+    criterion: nn.Module
+
+
+@dataclass
+class Progress:
+    """Where the epochs stand: the history so far, and the last evaluation with the loop's wall time."""
+
+    history: list[dict[str, float]] = field(default_factory=list)
+    epoch: int = 0  # epochs completed
+    confusion: torch.Tensor | None = None  # [true, predicted] of the last evaluation
+    seconds: float = 0.0  # the epochs' wall time in this process (evaluation included)
+
+    def evaluation(self) -> torch.Tensor:
+        """The confusion matrix of the last evaluation (after :func:`final_confusion`, always there)."""
+        if self.confusion is None:
+            raise ExplainkitError("no evaluation yet: run final_confusion first")
+        return self.confusion
+
+    @property
+    def test_accuracy(self) -> float:
+        confusion = self.evaluation()
+        return float(confusion.diag().sum() / confusion.sum())
+
+
+class EpochTotals(NamedTuple):
+    """One epoch's training sums across ranks."""
+
+    loss: float  # summed over images
+    correct: float
+    seen: float
 
 
 @dataclass
@@ -67,7 +186,7 @@ def load_datasets(
     train, classes = open_split("train", augment, data_dir, download)
     test, test_classes = open_split("test", eval_transform(card), data_dir, download)
     if classes != test_classes:
-        raise DataError(f"--data-dir {root}: train/ and test/ have different classes")
+        raise DataError(f"data_dir={root}: train/ and test/ have different classes")
     return train, test, classes
 
 
@@ -87,14 +206,103 @@ def load_device_splits(data_dir: str | Path | None, download: bool = True) -> tu
     return split_from_dataset(train_set), split_from_dataset(test_set)
 
 
-def _reseed_worker(worker_id: int) -> None:
-    info = torch.utils.data.get_worker_info()
-    if info is None:
-        return
-    transform = getattr(getattr(info.dataset, "dataset", info.dataset), "transform", None)
+def _reseed(dataset: Dataset, seed: int) -> None:
+    """Reseed the augmentation of ``dataset`` (or of the dataset under a Subset), if it has one."""
+    transform = getattr(getattr(dataset, "dataset", dataset), "transform", None)
     reseed = getattr(transform, "reseed", None)
     if callable(reseed):
-        reseed(torch.initial_seed() % 2**32)  # distinct per worker and per epoch
+        reseed(seed)
+
+
+def _reseed_worker(worker_id: int) -> None:
+    info = torch.utils.data.get_worker_info()
+    if info is not None:
+        _reseed(info.dataset, torch.initial_seed() % 2**32)  # distinct per worker and per epoch
+
+
+def subset_indices(count: int, limit: int | None, seed: int, spread: bool) -> list[int] | None:
+    """Indices of a limited subset (None: all): evenly spaced if ``spread``, else a seeded random draw."""
+    if limit is None or limit >= count:
+        return None
+    if spread:  # evenly spaced: every class of a class-sorted folder
+        return torch.linspace(0, count - 1, limit).long().tolist()
+    return torch.randperm(count, generator=torch.Generator().manual_seed(seed))[:limit].tolist()
+
+
+def resolve_data_path(data_path: str, device: torch.device) -> str:
+    """``auto``: device-resident tensors on CUDA (the GPU outruns a PIL DataLoader), the loader elsewhere."""
+    if data_path not in DATA_PATHS:
+        raise ExplainkitError(f"data_path={data_path!r}: must be one of {', '.join(DATA_PATHS)}")
+    if data_path == "auto":
+        return "device" if device.type == "cuda" else "loader"
+    return data_path
+
+
+def loader_data(recipe: Recipe, run: Run) -> TrainData:
+    """PIL images through albumentations in DataLoader workers (the CPU path)."""
+    config, device, ctx = run.config, run.device, run.ctx
+    train_set, test_set, classes = load_datasets(config.data_dir, recipe, ModelCard())
+    train_set = limit_dataset(train_set, recipe.train_limit, config.seed, spread=False)
+    test_set = limit_dataset(test_set, recipe.test_limit, config.seed, spread=True)
+    test_shard = Subset(test_set, list(run.shard.indices(dataset_size(test_set))))  # no padded duplicates
+    workers = config.workers
+    if workers is None:
+        workers = min(8, torch.get_num_threads() * 2) if device.type == "cuda" else 1
+    generator = torch.Generator()
+    sampler = (
+        DistributedSampler(train_set, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=config.seed)
+        if ctx.enabled
+        else RandomSampler(train_set, generator=generator)  # type: ignore[arg-type]  # map-style: sized
+    )
+    loader_args: dict[str, Any] = dict(num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=False)
+    train_loader = DataLoader(
+        train_set,
+        batch_size=recipe.batch_size,
+        sampler=sampler,
+        drop_last=False,
+        worker_init_fn=_reseed_worker,
+        generator=generator,
+        **loader_args,
+    )
+    test_loader = DataLoader(test_shard, batch_size=max(recipe.batch_size, 256), **loader_args)
+
+    def start_epoch(epoch: int) -> None:
+        generator.manual_seed(config.seed * 1000 + epoch)
+        if isinstance(sampler, DistributedSampler):
+            sampler.set_epoch(epoch)
+        if workers == 0:  # no worker_init_fn runs: seed the augmentation here
+            _reseed(train_set, config.seed * 1000 + epoch)
+
+    return TrainData("loader", train_loader, test_loader, test_shard, train_set, classes, start_epoch)
+
+
+def device_data(recipe: Recipe, run: Run) -> TrainData:
+    """Both splits decoded once into uint8 tensors on the device, augmented there (``device_data.py``);
+    ``run.config.splits``, when given, are reused instead of decoding."""
+    card, seed, shard = ModelCard(), run.config.seed, run.shard
+    splits = run.config.splits
+    train_split, test_split = splits if splits is not None else load_device_splits(run.config.data_dir)
+    if train_split.classes != test_split.classes:
+        where = data_dir_from_env(run.config.data_dir) if splits is None else None
+        raise DataError(f"{f'data_dir={where}: ' if where else ''}train/ and test/ have different classes")
+    train_split, test_split = train_split.to(run.device), test_split.to(run.device)
+    if (keep := subset_indices(len(train_split), recipe.train_limit, seed, spread=False)) is not None:
+        train_split = train_split.subset(keep)
+    if (keep := subset_indices(len(test_split), recipe.test_limit, seed, spread=True)) is not None:
+        test_split = test_split.subset(keep)
+    augment = DeviceAugment(recipe, card.mean, card.image_size[0])
+    train = DeviceBatches(train_split, recipe.batch_size, card.mean, card.std, augment, shuffle=True, seed=seed, shard=shard)
+    test = DeviceBatches(test_split, max(recipe.batch_size, 256), card.mean, card.std, shard=shard)
+    test_shard = test_split.subset(list(shard.indices(len(test_split))))
+    return TrainData(
+        "device",
+        train,
+        test,
+        SplitDataset(test_shard, card.mean, card.std),
+        SplitDataset(train_split, card.mean, card.std, augment, seed),
+        list(train_split.classes),
+        train.set_epoch,
+    )
 
 
 # --- checkpoints --------------------------------------------------------------------------------
@@ -131,7 +339,15 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         raise ExplainkitError(f"cannot resume: {path} is unreadable ({type(exc).__name__}); delete it to start over") from None
 
 
-# --- the loop -----------------------------------------------------------------------------------
+def _write_history(path: Path, history: list[dict[str, float]]) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=HISTORY_FIELDS)
+            writer.writeheader()
+            writer.writerows(history)
+
+
+# --- optimisation -------------------------------------------------------------------------------
 def make_optimizer(recipe: Recipe, model: nn.Module, lr: float) -> torch.optim.Optimizer:
     if recipe.optimizer == "adam":
         return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=recipe.weight_decay)
@@ -140,7 +356,7 @@ def make_optimizer(recipe: Recipe, model: nn.Module, lr: float) -> torch.optim.O
     )
 
 
-def _scheduler(recipe: Recipe, optimizer: torch.optim.Optimizer, max_lr: float, total_steps: int):
+def _scheduler(recipe: Recipe, optimizer: torch.optim.Optimizer, max_lr: float, total_steps: int) -> LRScheduler:
     if recipe.schedule == "constant" or total_steps < 4:  # OneCycle needs a few steps per phase
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     # OneCycleLR divides by zero when the warm-up rounds to under two steps (tiny subsets).
@@ -155,6 +371,10 @@ def _scheduler(recipe: Recipe, optimizer: torch.optim.Optimizer, max_lr: float, 
         anneal_strategy="cos" if recipe.anneal_strategy == "cos" else "linear",
         three_phase=False,
     )
+
+
+def _criterion(recipe: Recipe) -> nn.Module:
+    return nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
 
 
 def evaluate(
@@ -178,309 +398,196 @@ def evaluate(
     return float(loss), confusion.view(num_classes, num_classes).cpu()
 
 
-DATA_PATHS = ("auto", "loader", "device")
-
-
-@dataclass
-class TrainData:
-    """The batches one training run iterates, whichever data path made them.
-
-    ``train``/``test`` yield ``(images, labels)`` already on the device for the device path
-    (moved by the loop otherwise); ``report_test``/``report_train`` are map-style datasets of
-    this rank's test shard and the training split for the report figures.
-    """
-
-    path: str  # "loader" | "device"
-    train: Iterable
-    test: Iterable
-    report_test: Dataset
-    report_train: Dataset
-    classes: list[str]
-    start_epoch: Callable[[int], None]
-
-
-def subset_indices(count: int, limit: int | None, seed: int, spread: bool) -> list[int] | None:
-    """Indices of a limited subset (None: all): evenly spaced if ``spread``, else a seeded random draw."""
-    if limit is None or limit >= count:
-        return None
-    if spread:  # evenly spaced: every class of a class-sorted folder
-        return torch.linspace(0, count - 1, limit).long().tolist()
-    return torch.randperm(count, generator=torch.Generator().manual_seed(seed))[:limit].tolist()
-
-
-def resolve_data_path(data_path: str, device: torch.device) -> str:
-    """``auto``: device-resident tensors on CUDA (the GPU outruns a PIL DataLoader), the loader elsewhere."""
-    if data_path not in DATA_PATHS:
-        raise ExplainkitError(f"--data-path must be one of {', '.join(DATA_PATHS)}, got {data_path!r}")
-    if data_path == "auto":
-        return "device" if device.type == "cuda" else "loader"
-    return data_path
-
-
-def loader_data(recipe: Recipe, data_dir, device: torch.device, seed: int, ctx: DistContext, workers: int | None) -> TrainData:
-    """PIL images through albumentations in DataLoader workers (the CPU path)."""
-    train_set, test_set, classes = load_datasets(data_dir, recipe, ModelCard())
-    train_set = limit_dataset(train_set, recipe.train_limit, seed, spread=False)
-    test_set = limit_dataset(test_set, recipe.test_limit, seed, spread=True)
-    test_shard = Subset(test_set, list(range(ctx.rank, dataset_size(test_set), ctx.world_size)))  # no padded duplicates
-    workers = workers if workers is not None else (min(8, torch.get_num_threads() * 2) if device.type == "cuda" else 1)
-    generator = torch.Generator()
-    sampler = (
-        DistributedSampler(train_set, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=seed)
-        if ctx.enabled
-        else RandomSampler(train_set, generator=generator)  # type: ignore[arg-type]  # map-style: sized
-    )
-    loader_args: dict[str, Any] = dict(num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=False)
-    train_loader = DataLoader(
-        train_set,
-        batch_size=recipe.batch_size,
-        sampler=sampler,
-        drop_last=False,
-        worker_init_fn=_reseed_worker,
-        generator=generator,
-        **loader_args,
-    )
-    test_loader = DataLoader(test_shard, batch_size=max(recipe.batch_size, 256), **loader_args)
-
-    def start_epoch(epoch: int) -> None:
-        generator.manual_seed(seed * 1000 + epoch)
-        if isinstance(sampler, DistributedSampler):
-            sampler.set_epoch(epoch)
-        if workers == 0:  # no worker_init_fn runs: seed the augmentation here
-            transform = getattr(getattr(train_set, "dataset", train_set), "transform", None)
-            reseed = getattr(transform, "reseed", None)
-            if callable(reseed):
-                reseed(seed * 1000 + epoch)
-
-    return TrainData("loader", train_loader, test_loader, test_shard, train_set, classes, start_epoch)
-
-
-def device_data(recipe: Recipe, data_dir, device: torch.device, seed: int, ctx: DistContext, splits=None) -> TrainData:
-    """Both splits decoded once into uint8 tensors on ``device``, augmented there (``device_data.py``).
-
-    ``splits``: already decoded ``(train, test)`` :class:`DeviceSplit` s to reuse (the GPU script
-    trains several runs from one decode)."""
-    card = ModelCard()
-    train_split, test_split = splits if splits is not None else load_device_splits(data_dir)
-    if train_split.classes != test_split.classes:
-        raise DataError("train/ and test/ have different classes")
-    train_split, test_split = train_split.to(device), test_split.to(device)
-    if (keep := subset_indices(len(train_split), recipe.train_limit, seed, spread=False)) is not None:
-        train_split = train_split.subset(keep)
-    if (keep := subset_indices(len(test_split), recipe.test_limit, seed, spread=True)) is not None:
-        test_split = test_split.subset(keep)
-    augment = DeviceAugment(recipe, card.mean, card.image_size[0])
-    train = DeviceBatches(
-        train_split,
-        recipe.batch_size,
-        card.mean,
-        card.std,
-        augment,
-        shuffle=True,
-        seed=seed,
-        rank=ctx.rank,
-        world_size=ctx.world_size,
-    )
-    test = DeviceBatches(test_split, max(recipe.batch_size, 256), card.mean, card.std, rank=ctx.rank, world_size=ctx.world_size)
-    test_shard = test_split.subset(torch.arange(ctx.rank, len(test_split), ctx.world_size))
-    report_train = SplitDataset(train_split, card.mean, card.std, augment, seed)
-    return TrainData(
-        "device",
-        train,
-        test,
-        SplitDataset(test_shard, card.mean, card.std),
-        report_train,
-        list(train_split.classes),
-        train.set_epoch,
-    )
-
-
-def _resume_state(recipe: Recipe, checkpoint_path: Path, resume: bool) -> tuple[Recipe, dict[str, Any] | None]:
-    if not resume:
-        return recipe, None
-    if not checkpoint_path.exists():
-        raise ExplainkitError(f"--resume: no {checkpoint_path} to continue from; run without --resume")
-    checkpoint = load_checkpoint(checkpoint_path)
-    saved = checkpoint["recipe"]
-    recipe = replace(recipe, **{k: saved[k] for k in ("lr", "batch_size", "optimizer", "schedule", "train_limit", "test_limit")})
-    return recipe, checkpoint
-
-
-def _search_lr(recipe, model, criterion, data: TrainData, device, out: Path, ctx: DistContext, iters: int) -> float:
-    """Rank 0 runs the LR range test; every rank gets its answer."""
-    suggestion = [0.0]
-    if ctx.is_main:
-        probe = make_optimizer(recipe, model, 1e-7)
-        suggestion[0] = find_lr(model, probe, criterion, data.train, device, out, num_iter=iters)
-        print(f"LR range test: steepest gradient at {suggestion[0]:.3e}; OneCycle max_lr = that", flush=True)
-    if ctx.enabled:
-        torch.distributed.broadcast_object_list(suggestion, src=0)
-    return float(suggestion[0])
-
-
-def train_one_epoch(
-    net, data: TrainData, optimizer, scheduler, criterion, device, amp: bool, ctx: DistContext, desc: str, progress: bool = True
-) -> tuple[float, float, float]:
-    """One pass over the training batches; returns (summed loss, correct, seen) across ranks."""
+def train_one_epoch(learner: Learner, data: TrainData, run: Run, desc: str) -> EpochTotals:
+    """One pass over the training batches; returns the (summed loss, correct, seen) across ranks."""
+    net, device, ctx = learner.net, run.device, run.ctx
     net.train()
     seen = torch.zeros((), device=device)
     correct = torch.zeros((), device=device)
     loss_sum = torch.zeros((), device=device)
-    total = len(data.train)  # type: ignore[arg-type]
-    bar = tqdm(data.train, total=total, desc=desc, disable=not (ctx.is_main and progress), dynamic_ncols=True)
+    total = data.steps
+    bar = tqdm(data.train, total=total, desc=desc, disable=not (ctx.is_main and run.config.progress), dynamic_ncols=True)
     for batch_id, (images, labels) in enumerate(bar):
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         if device.type == "cuda":
             images = images.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=run.amp):
             logits = net(images)
-            loss = criterion(logits.float(), labels)
-        optimizer.zero_grad(set_to_none=True)
+            loss = learner.criterion(logits.float(), labels)
+        learner.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        optimizer.step()
-        scheduler.step()
+        learner.optimizer.step()
+        learner.scheduler.step()
         seen += labels.numel()
         correct += (logits.argmax(1) == labels).sum()
         loss_sum += loss.detach() * labels.numel()
         if ctx.is_main and (batch_id % 10 == 0 or batch_id == total - 1):  # .item() syncs: not every step
             bar.set_postfix_str(f"Loss={loss.item():.4f} Batch_id={batch_id} Accuracy={100 * float(correct / seen):.2f}")
     loss_total, correct_total, seen_total = ctx.sum(float(loss_sum), float(correct), float(seen), device=device)
-    return loss_total, correct_total, seen_total
+    return EpochTotals(loss_total, correct_total, seen_total)
 
 
-def train(
-    recipe: Recipe,
-    out: Path,
-    data_dir: str | Path | None = None,
-    device: torch.device | None = None,
-    seed: int = 0,
-    resume: bool = False,
-    workers: int | None = None,
-    lr_find_iters: int = 100,
-    data_path: str = "auto",
-    compile: bool | str = False,
-    splits=None,
-    reports_enabled: bool = True,
-    progress: bool = True,
-) -> TrainResult:
-    """Train a CIFAR-style ResNet18 with ``recipe`` and write the model, card, checkpoint and reports to ``out``.
-
-    ``data_path``: ``"loader"`` (PIL + albumentations in DataLoader workers), ``"device"`` (the split as
-    a uint8 tensor on the device, augmented with torch ops) or ``"auto"`` (device on CUDA).
-    ``progress``: show a progress bar per epoch (rank 0). ``compile``: wrap the model in ``torch.compile`` (a string names its backend, e.g. ``"eager"`` in tests).
-    """
-    device = device or torch.device("cpu")
+# --- the steps of a run -------------------------------------------------------------------------
+def setup(recipe: Recipe, config: TrainConfig) -> Run:
+    """Check the data folder, then the output folder (before creating anything), join the process
+    group under torchrun and pick this rank's device."""
+    root = data_dir_from_env(config.data_dir)
+    if root is not None and config.splits is None:  # a bad layout fails before any folder is made
+        check_image_folder(root, ("train", "test"))
+    out = ensure_writable_dir(config.out)
+    device = config.device or torch.device("cpu")
     ctx = init_distributed(device.type)
     if ctx.enabled and device.type == "cuda":
         device = torch.device("cuda", ctx.local_rank)
-    out = Path(out)
-    if ctx.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-    checkpoint_path = out / "last.ckpt"
-    recipe, checkpoint = _resume_state(recipe, checkpoint_path, resume)
-    path = resolve_data_path(data_path, device)
-    if path == "device":
-        data = device_data(recipe, data_dir, device, seed, ctx, splits)
-    else:
-        data = loader_data(recipe, data_dir, device, seed, ctx, workers)
-    if len(data.train) == 0:  # type: ignore[arg-type]
-        raise DataError("the training split is empty")
-    num_classes = len(data.classes)
+    if ctx.is_main and config.progress:
+        print(f"training resnet18-cifar with the {recipe.name!r} recipe on {device} into {out}/", file=sys.stderr, flush=True)
+    return Run(config, out, device, ctx)
 
+
+def resume_state(recipe: Recipe, run: Run) -> tuple[Recipe, dict[str, Any] | None]:
+    """With ``resume``: the checkpoint, and the recipe with the fields the run was started with."""
+    if not run.config.resume:
+        return recipe, None
+    path = run.checkpoint_path
+    if not path.exists():
+        raise ExplainkitError(f"resume=True: no {path} to continue from; pass resume=False")
+    checkpoint = load_checkpoint(path)
+    saved = checkpoint["recipe"]
+    recipe = replace(recipe, **{k: saved[k] for k in ("lr", "batch_size", "optimizer", "schedule", "train_limit", "test_limit")})
+    return recipe, checkpoint
+
+
+def load_data(recipe: Recipe, run: Run) -> TrainData:
+    """The run's batches through the data path ``run.config.data_path`` resolves to."""
+    path = resolve_data_path(run.config.data_path, run.device)
+    data = device_data(recipe, run) if path == "device" else loader_data(recipe, run)
+    if data.steps == 0:
+        raise DataError("the training split is empty")
+    return data
+
+
+def build_model(num_classes: int, run: Run) -> nn.Module:
+    """Seed every generator, then a fresh CIFAR ResNet18 on the device (channels_last on CUDA)."""
+    seed = run.config.seed
     torch.manual_seed(seed)
     random.seed(seed)
     np.random.seed(seed)
-    model = resnet18_cifar(num_classes).to(device)
-    if device.type == "cuda":
+    model = resnet18_cifar(num_classes).to(run.device)
+    if run.device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
         torch.backends.cudnn.benchmark = True
-    amp = device.type == "cuda"
-    criterion = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
+    return model
 
-    outputs: list[Path] = []
-    max_lr = recipe.lr
-    if max_lr == "auto" and checkpoint is None:
-        max_lr = _search_lr(recipe, model, criterion, data, device, out, ctx, lr_find_iters)
-        recipe = replace(recipe, lr=max_lr)
-        if ctx.is_main:
-            outputs.append(out / "lr_find.png")
-    net: nn.Module = (
-        DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if ctx.enabled else model
+
+def choose_lr(recipe: Recipe, model: nn.Module, data: TrainData, run: Run, fresh: bool = True) -> tuple[Recipe, list[Path]]:
+    """``lr="auto"`` on a fresh run: the LR range test on rank 0 (every rank gets its answer) sets the
+    recipe's max LR; returns the recipe and the figure it wrote (rank 0)."""
+    if recipe.lr != "auto" or not fresh:
+        return recipe, []
+    ctx = run.ctx
+    suggestion = [0.0]
+    if ctx.is_main:
+        probe = make_optimizer(recipe, model, 1e-7)
+        suggestion[0] = find_lr(model, probe, _criterion(recipe), data.train, run.device, run.out, run.config.lr_find_iters)
+        print(f"LR range test: steepest gradient at {suggestion[0]:.3e}; OneCycle max_lr = that", flush=True)
+    if ctx.enabled:
+        torch.distributed.broadcast_object_list(suggestion, src=0)
+    return replace(recipe, lr=float(suggestion[0])), [run.out / "lr_find.png"] if ctx.is_main else []
+
+
+def make_learner(recipe: Recipe, model: nn.Module, run: Run, total_steps: int) -> Learner:
+    """The model wrapped for DDP (under torchrun) and ``torch.compile`` (if asked), its optimizer and schedule."""
+    net: nn.Module = model
+    if run.ctx.enabled:
+        net = DistributedDataParallel(model, device_ids=[run.device.index] if run.device.type == "cuda" else None)
+    if run.config.compile:
+        backend = run.config.compile if isinstance(run.config.compile, str) else "inductor"
+        net = torch.compile(net, backend=backend)  # type: ignore[assignment]
+    max_lr = float(recipe.lr)
+    optimizer = make_optimizer(recipe, model, max_lr)
+    return Learner(model, net, optimizer, _scheduler(recipe, optimizer, max_lr, total_steps), _criterion(recipe))
+
+
+def restore(learner: Learner, checkpoint: dict[str, Any] | None, run: Run, epochs: int) -> Progress:
+    """The learner's and the RNGs' state from ``checkpoint`` (if any); where the epochs stand."""
+    if checkpoint is None:
+        return Progress()
+    learner.model.load_state_dict(checkpoint["model"])
+    learner.optimizer.load_state_dict(checkpoint["optimizer"])
+    learner.scheduler.load_state_dict(checkpoint["scheduler"])
+    _set_rng_state(checkpoint["rng"])
+    progress = Progress(history=list(checkpoint["history"]), epoch=int(checkpoint["epoch"]))
+    if progress.epoch >= epochs and run.ctx.is_main:
+        print(f"{run.checkpoint_path} already holds {progress.epoch} epochs; writing the final outputs", flush=True)
+    return progress
+
+
+def run_epoch(learner: Learner, data: TrainData, run: Run, epoch: int, epochs: int) -> tuple[dict[str, float], torch.Tensor]:
+    """Train one epoch, then evaluate: (the history row, the test confusion matrix)."""
+    started = time.perf_counter()
+    data.start_epoch(epoch)
+    totals = train_one_epoch(learner, data, run, f"Epoch {epoch + 1}/{epochs}")
+    test_loss, confusion = evaluate(learner.net, data.test, run.device, len(data.classes), run.ctx, run.amp)
+    test_total = float(confusion.sum())
+    row = {
+        "epoch": epoch + 1,
+        "lr": learner.optimizer.param_groups[0]["lr"],
+        "train_loss": totals.loss / totals.seen,
+        "train_accuracy": totals.correct / totals.seen,
+        "test_loss": test_loss / test_total,
+        "test_accuracy": float(confusion.diag().sum()) / test_total,
+        "seconds": time.perf_counter() - started,
+    }
+    return row, confusion
+
+
+def save_progress(recipe: Recipe, learner: Learner, run: Run, progress: Progress) -> None:
+    """``last.ckpt`` (everything a resume needs) and ``history.csv``, each written atomically."""
+    save_checkpoint(
+        run.checkpoint_path,
+        model=learner.model.state_dict(),
+        optimizer=learner.optimizer.state_dict(),
+        scheduler=learner.scheduler.state_dict(),
+        epoch=progress.epoch,
+        rng=_rng_state(),
+        history=progress.history,
+        recipe=recipe.to_dict(),
+        seed=run.config.seed,
     )
-    if compile:
-        net = torch.compile(net, backend=compile if isinstance(compile, str) else "inductor")  # type: ignore[assignment]
-    optimizer = make_optimizer(recipe, model, float(max_lr))
-    scheduler = _scheduler(recipe, optimizer, float(max_lr), recipe.epochs * len(data.train))  # type: ignore[arg-type]
-    history: list[dict[str, float]] = []
-    start_epoch = 0
-    if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        history = list(checkpoint["history"])
-        start_epoch = int(checkpoint["epoch"])
-        _set_rng_state(checkpoint["rng"])
-        if start_epoch >= recipe.epochs and ctx.is_main:
-            print(f"{checkpoint_path} already holds {start_epoch} epochs; writing the final outputs", flush=True)
+    _write_history(run.out / "history.csv", progress.history)
 
-    confusion = None
-    loop_started = time.perf_counter()
-    for epoch in range(start_epoch, recipe.epochs):
-        started = time.perf_counter()
-        data.start_epoch(epoch)
-        train_loss, train_correct, train_seen = train_one_epoch(
-            net, data, optimizer, scheduler, criterion, device, amp, ctx, f"Epoch {epoch + 1}/{recipe.epochs}", progress
-        )
-        test_loss, confusion = evaluate(net, data.test, device, num_classes, ctx, amp)
-        test_total = float(confusion.sum())
-        test_correct = float(confusion.diag().sum())
-        row = {
-            "epoch": epoch + 1,
-            "lr": optimizer.param_groups[0]["lr"],
-            "train_loss": train_loss / train_seen,
-            "train_accuracy": train_correct / train_seen,
-            "test_loss": test_loss / test_total,
-            "test_accuracy": test_correct / test_total,
-            "seconds": time.perf_counter() - started,
-        }
-        history.append(row)
-        if ctx.is_main:
+
+def run_epochs(recipe: Recipe, learner: Learner, data: TrainData, run: Run, progress: Progress) -> Progress:
+    """The remaining epochs; rank 0 logs each and checkpoints after it."""
+    started = time.perf_counter()
+    for epoch in range(progress.epoch, recipe.epochs):
+        row, progress.confusion = run_epoch(learner, data, run, epoch, recipe.epochs)
+        progress.history.append(row)
+        progress.epoch = epoch + 1
+        if run.ctx.is_main:
+            total, correct = int(progress.confusion.sum()), int(progress.confusion.diag().sum())
             tqdm.write(
-                f"Test set: Average loss: {row['test_loss']:.4f}, Accuracy: {int(test_correct)}/{int(test_total)} "
+                f"Test set: Average loss: {row['test_loss']:.4f}, Accuracy: {correct}/{total} "
                 f"({100 * row['test_accuracy']:.2f}%)  [{row['seconds']:.1f}s]"
             )
-            save_checkpoint(
-                checkpoint_path,
-                model=model.state_dict(),
-                optimizer=optimizer.state_dict(),
-                scheduler=scheduler.state_dict(),
-                epoch=epoch + 1,
-                rng=_rng_state(),
-                history=history,
-                recipe=recipe.to_dict(),
-                seed=seed,
-            )
-            _write_history(out / "history.csv", history)
-        ctx.barrier()
-    loop_seconds = time.perf_counter() - loop_started
-
-    if confusion is None:  # resumed a finished run: evaluate once for the reports
-        _, confusion = evaluate(net, data.test, device, num_classes, ctx, amp)
-    test_accuracy = float(confusion.diag().sum() / confusion.sum())
-    model_path = out / "model.pt"
-    if ctx.is_main:
-        card = _card(recipe, data, data_dir, confusion, test_accuracy, seed, device, ctx, path, loop_seconds)
-        save_model(model, card, model_path)
-        outputs += [model_path, model_path.with_suffix(".json"), checkpoint_path, out / "history.csv"]
-        if reports_enabled:
-            outputs += reports.write_reports(out, history, confusion, model, data.report_test, data.report_train, card, device)
-    ctx.barrier()
-    ctx.close()
-    return TrainResult(model_path, history, test_accuracy, outputs, loop_seconds)
+            save_progress(recipe, learner, run, progress)
+        run.ctx.barrier()
+    progress.seconds = time.perf_counter() - started
+    return progress
 
 
-def _card(recipe, data: TrainData, data_dir, confusion, test_accuracy, seed, device, ctx, path, loop_seconds) -> ModelCard:
+def final_confusion(learner: Learner, data: TrainData, run: Run, progress: Progress) -> torch.Tensor:
+    """The last epoch's confusion matrix; a resumed finished run has none, so evaluate once for the reports."""
+    if progress.confusion is None:
+        _, progress.confusion = evaluate(learner.net, data.test, run.device, len(data.classes), run.ctx, run.amp)
+    return progress.confusion
+
+
+def make_card(recipe: Recipe, data: TrainData, run: Run, progress: Progress) -> ModelCard:
+    """The card saved with the model: what it was trained on, how, where and how well."""
     template = ModelCard()
+    confusion = progress.evaluation()
+    device = run.device
     return ModelCard(
         architecture="resnet18-cifar",
         num_classes=len(data.classes),
@@ -488,26 +595,70 @@ def _card(recipe, data: TrainData, data_dir, confusion, test_accuracy, seed, dev
         mean=template.mean,
         std=template.std,
         input_size=template.input_size,
-        test_accuracy=round(test_accuracy, 6),
+        test_accuracy=round(progress.test_accuracy, 6),
         epochs=recipe.epochs,
         extra={
             "recipe": recipe.to_dict(),
-            "seed": seed,
+            "seed": run.config.seed,
             "device": str(device),
-            "world_size": ctx.world_size,
+            "world_size": run.ctx.world_size,
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "data_path": path,
-            "train_seconds": round(loop_seconds, 2),
-            "dataset": str(data_dir_from_env(data_dir) or "torchvision CIFAR-10"),
+            "data_path": data.path,
+            "train_seconds": round(progress.seconds, 2),
+            "dataset": str(data_dir_from_env(run.config.data_dir) or "torchvision CIFAR-10"),
             "test_images": int(confusion.sum()),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         },
     )
 
 
-def _write_history(path: Path, history: list[dict[str, float]]) -> None:
-    with atomic_path(path) as tmp:
-        with open(tmp, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=HISTORY_FIELDS)
-            writer.writeheader()
-            writer.writerows(history)
+def finish(recipe: Recipe, learner: Learner, data: TrainData, run: Run, progress: Progress) -> list[Path]:
+    """Rank 0: the model with its card, and the report figures if asked; the paths written."""
+    model_path = run.out / "model.pt"
+    card = make_card(recipe, data, run, progress)
+    save_model(learner.model, card, model_path)
+    outputs = [model_path, model_path.with_suffix(".json"), run.checkpoint_path, run.out / "history.csv"]
+    if run.config.reports:
+        outputs += report_figures.write_reports(
+            run.out, progress.history, progress.evaluation(), learner.model, data.report_test, data.report_train, card, run.device
+        )
+    return outputs
+
+
+def train(recipe: Recipe, config: TrainConfig) -> TrainResult:
+    """Train a CIFAR-style ResNet18 with ``recipe`` and write the model, card, checkpoint and reports to ``config.out``."""
+    run = setup(recipe, config)
+    recipe, checkpoint = resume_state(recipe, run)
+    data = load_data(recipe, run)
+    model = build_model(len(data.classes), run)
+    recipe, outputs = choose_lr(recipe, model, data, run, fresh=checkpoint is None)
+    learner = make_learner(recipe, model, run, total_steps=recipe.epochs * data.steps)
+    progress = run_epochs(recipe, learner, data, run, restore(learner, checkpoint, run, recipe.epochs))
+    final_confusion(learner, data, run, progress)
+    if run.ctx.is_main:
+        outputs += finish(recipe, learner, data, run, progress)
+    run.ctx.barrier()
+    run.ctx.close()
+    return TrainResult(run.out / "model.pt", progress.history, progress.test_accuracy, outputs, progress.seconds)
+
+
+# --- the LR range test on its own ---------------------------------------------------------------
+def lr_range_test(recipe: Recipe, config: TrainConfig, num_iter: int = 100) -> float:
+    """The LR range test alone (``explainkit lr-find``): a fresh model over the recipe's training
+    split (``train_limit``: a seeded random subset); writes ``lr_find.png`` into ``config.out``."""
+    device = config.device or torch.device("cpu")
+    out = ensure_writable_dir(config.out)
+    train_set, _, classes = load_datasets(config.data_dir, recipe, ModelCard())
+    train_set = limit_dataset(train_set, recipe.train_limit, config.seed, spread=False)
+    torch.manual_seed(config.seed)
+    workers = config.workers if config.workers is not None else (1 if device.type == "cpu" else 8)
+    loader = DataLoader(
+        train_set,
+        batch_size=recipe.batch_size,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(config.seed),
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+    )
+    model = resnet18_cifar(len(classes)).to(device)
+    return find_lr(model, make_optimizer(recipe, model, 1e-7), nn.CrossEntropyLoss(), loader, device, out, num_iter=num_iter)
