@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.utils.data import Subset, TensorDataset
+from torch.utils.data import TensorDataset
 
 from benchmarks.conftest import full_size
-from explainkit.data.datasets import load_split
+from explainkit.data.datasets import limit_evenly, load_split
 from explainkit.explainers.gradient import GradCAM
 from explainkit.jobs.explain import scan
 from explainkit.models.card import ModelCard
@@ -59,7 +59,7 @@ def test_end_to_end(benchmark, bench_model, test_split, e2e_device, mode, reques
     else:
         count = request.config.getoption("e2e_images") or (2000 if e2e_device.type == "cpu" else len(dataset))
     count = min(count, len(dataset))
-    subset = Subset(dataset, torch.linspace(0, len(dataset) - 1, count).long().tolist())
+    subset = limit_evenly(dataset, count)
     batch = 64 if e2e_device.type == "cpu" else 1024
     model = bench_model.to(e2e_device)
     explainers = {"gradcam": GradCAM(model, "layer4")} if mode == "explain" else None

@@ -24,7 +24,7 @@ def test_env_var_points_at_data(tiny_folder, monkeypatch):
 
 def test_wrong_layout_names_data_dir(tmp_path):
     (tmp_path / "stuff").mkdir()
-    with pytest.raises(DataError, match="--data-dir .*test/"):
+    with pytest.raises(DataError, match="data_dir=.*test/"):
         data.load_split("test", ModelCard(), tmp_path)
     with pytest.raises(DataError, match="does not exist"):
         data.load_split("test", ModelCard(), tmp_path / "missing")
@@ -58,7 +58,7 @@ def test_no_network_and_no_data_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setenv("EXPLAINKIT_CACHE_DIR", str(tmp_path))
     monkeypatch.delenv("EXPLAINKIT_DATA_DIR", raising=False)
     monkeypatch.setattr(data.datasets, "CIFAR10", offline)
-    with pytest.raises(DataError, match="--data-dir"):
+    with pytest.raises(DataError, match="data_dir=DIR"):
         data.load_split("test", ModelCard())
 
 

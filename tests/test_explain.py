@@ -10,7 +10,7 @@ import torch
 
 import explainkit
 from explainkit.data.datasets import load_split
-from explainkit.jobs.explain import explain_dataset, explain_images, pick_misclassified, pick_samples, scan
+from explainkit.jobs.explain import ExplainOptions, explain_dataset, explain_images, pick_misclassified, pick_samples, scan
 from explainkit.jobs.maps_store import load_results
 from explainkit.models.card import ModelCard
 
@@ -38,15 +38,15 @@ def test_scan_predicts_every_image_and_matches_the_model(random_model, tiny_fold
     images = torch.stack([dataset[i][0] for i in range(len(dataset))])
     with torch.no_grad():
         expected = random_model(images).argmax(1)
-    assert torch.equal(result["predictions"], expected)
-    assert result["labels"].tolist() == [i // 2 for i in range(20)]
+    assert torch.equal(result.predictions, expected)
+    assert result.labels.tolist() == [i // 2 for i in range(20)]
 
 
 def test_scan_with_explainers_returns_maps_per_method(random_model, tiny_folder):
     dataset = load_split("test", ModelCard(), tiny_folder)
     explainers = {n: explainkit.get_explainer(n, random_model) for n in ("gradcam", "gradcam++")}
     result = scan(random_model, dataset, torch.device("cpu"), batch_size=8, explainers=explainers)
-    assert result["maps"]["gradcam"].shape == (20, 32, 32)
+    assert result.maps["gradcam"].shape == (20, 32, 32)
 
 
 def test_explain_dataset_writes_everything(random_model, tiny_folder, tmp_path):
@@ -59,11 +59,7 @@ def test_explain_dataset_writes_everything(random_model, tiny_folder, tmp_path):
         dataset,
         tmp_path,
         torch.device("cpu"),
-        samples=2,
-        misclassified=4,
-        limit=10,
-        batch_size=4,
-        save_maps=True,
+        ExplainOptions(samples=2, misclassified=4, limit=10, batch_size=4, save_maps=True),
     )
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == [
@@ -90,14 +86,13 @@ def test_explain_dataset_writes_everything(random_model, tiny_folder, tmp_path):
 def test_explain_images(random_model, tmp_path):
     images = ModelCard().preprocess(np.zeros((2, 32, 32, 3), dtype=np.uint8))
     result = explain_images(
-        random_model,
         ModelCard(),
         {"gradcam": explainkit.get_explainer("gradcam", random_model)},
         images,
         ["a.png", "b.png"],
         tmp_path,
         torch.device("cpu"),
-        save_maps=True,
+        ExplainOptions(save_maps=True),
     )
     assert [p["image"] for p in result.summary["predictions"]] == ["a.png", "b.png"]
     assert (tmp_path / "per_class.png").exists()
@@ -123,10 +118,7 @@ def test_a_plugin_that_only_returns_maps_still_gets_probabilities(fresh_plugins,
         dataset,
         tmp_path,
         torch.device("cpu"),
-        samples=2,
-        misclassified=2,
-        batch_size=8,
-        save_maps=True,
+        ExplainOptions(samples=2, misclassified=2, batch_size=8, save_maps=True),
     )
     assert result.summary["images"] == 20
     assert explainkit.load_maps(tmp_path)["plain"].shape == (20, 32, 32)
@@ -142,10 +134,7 @@ def test_saved_maps_are_the_explainers_maps_in_scan_order(random_model, tiny_fol
         dataset,
         tmp_path,
         torch.device("cpu"),
-        samples=1,
-        misclassified=1,
-        batch_size=6,
-        save_maps=True,
+        ExplainOptions(samples=1, misclassified=1, batch_size=6, save_maps=True),
     )
     images = torch.stack([dataset[i][0] for i in range(len(dataset))])
     expected = gradcam(images).to(torch.float16).numpy()

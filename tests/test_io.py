@@ -25,14 +25,14 @@ def test_atomic_path_leaves_nothing_on_failure(tmp_path):
 def test_unwritable_dir(tmp_path):
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o500)
-    with pytest.raises(ExplainkitError, match="--out"):
+    with pytest.raises(ExplainkitError, match="out="):
         ensure_writable_dir(locked / "sub")
 
 
 def test_out_path_that_is_a_file(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    with pytest.raises(ExplainkitError, match="cannot write to --out"):
+    with pytest.raises(ExplainkitError, match="out=.*cannot write"):
         ensure_writable_dir(blocker / "sub")
 
 

@@ -74,7 +74,7 @@ def test_loading_never_executes_code(tmp_path):
 
 def test_model_store_lookup(tmp_path, random_model, monkeypatch):
     monkeypatch.setenv("EXPLAINKIT_MODELS_DIR", str(tmp_path / "store"))
-    with pytest.raises(ExplainkitError, match="--checkpoint"):
+    with pytest.raises(ExplainkitError, match="checkpoint=PATH"):
         require_model_path(None)
     old = save_model(random_model, ModelCard(), tmp_path / "store" / "a" / "model.pt")
     newer = save_model(random_model, ModelCard(), tmp_path / "store" / "b" / "model.pt")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import warnings
 from types import ModuleType
@@ -47,22 +48,56 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     debug = bool(os.environ.get("EXPLAINKIT_DEBUG"))
     with warnings.catch_warnings():  # the filter and the one-line format last for this call only
         if not debug:
             warnings.filterwarnings("ignore", category=UserWarning)
             warnings.showwarning = _one_line_warning
-        return _run(args, debug)
+        return _run(args, debug, flag_names(parser, args.command))
 
 
-def _run(args: argparse.Namespace, debug: bool) -> int:
+# Library parameters whose name is not the flag's argparse dest.
+PARAMETER_FLAGS = {"spec": "--model"}
+
+
+def flag_names(parser: argparse.ArgumentParser, command: str) -> dict[str, str]:
+    """``{dest: flag}`` for the command's flags (its first long spelling), plus :data:`PARAMETER_FLAGS`."""
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    flags = {
+        action.dest: next(o for o in action.option_strings if o.startswith("--"))
+        for action in subparsers.choices[command]._actions
+        if any(o.startswith("--") for o in action.option_strings) and action.dest != "help"
+    }
+    return {**PARAMETER_FLAGS, **flags}
+
+
+def speak_flags(message: str, flags: dict[str, str]) -> str:
+    """The library names parameters as ``name=`` (``lr=0: must be positive``); the CLI shows the
+    flag (``--lr 0: must be positive``; switches: ``resume=False`` is ``no --resume``)."""
+    if not flags:
+        return message
+    pattern = re.compile(
+        r"(?<![\w.-])(" + "|".join(map(re.escape, sorted(flags, key=len, reverse=True))) + r")=(True\b|False\b|\S?)"
+    )
+
+    def flag(match: re.Match) -> str:
+        name, value = flags[match.group(1)], match.group(2)
+        if value in ("True", "False"):  # a switch: resume=True is --resume, resume=False no --resume
+            return name if value == "True" else f"no {name}"
+        return f"{name} {value}" if value else name
+
+    return pattern.sub(flag, message)
+
+
+def _run(args: argparse.Namespace, debug: bool, flags: dict[str, str]) -> int:
     try:
         return int(args.run(args))
     except ExplainkitError as exc:
         if debug:
             raise
-        print(f"explainkit {args.command}: error: {exc}", file=sys.stderr)
+        print(f"explainkit {args.command}: error: {speak_flags(str(exc), flags)}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print(f"explainkit {args.command}: interrupted", file=sys.stderr)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import torch
 
@@ -20,12 +21,13 @@ from explainkit.cli.flags import (
 )
 from explainkit.data.datasets import load_split
 from explainkit.errors import ExplainkitError
-from explainkit.jobs.explain import explain_dataset, explain_images, parse_figure_targets
+from explainkit.jobs.explain import ExplainOptions, ExplainResult, explain_dataset, explain_images, parse_figure_targets
 from explainkit.jobs.provenance import provenance
+from explainkit.models.card import ModelCard
 from explainkit.models.store import load_model, model_card, newest_model, require_model_path, resnet18_cifar
 from explainkit.registry import accepts_option, get_explainer, parse_methods, require_explainer
 from explainkit.runtime.device import select_device
-from explainkit.runtime.distributed import init_distributed
+from explainkit.runtime.distributed import DistContext, init_distributed
 from explainkit.runtime.images import read_image
 from explainkit.runtime.io import ensure_writable_dir
 from explainkit.training.first_model import train_first_model
@@ -63,85 +65,99 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     # Everything that can be wrong is checked before anything is written.
+    methods = _check_flags(args)
+    device = select_device(args.device)
+    ctx = init_distributed(device.type)  # under torchrun: one rank per process, NCCL on CUDA, else gloo
+    if ctx.enabled:
+        _check_distributed(args, ctx)
+        if device.type == "cuda":
+            device = torch.device("cuda", ctx.local_rank)
+    checkpoint = _checkpoint(args, methods, device)
+    model = load_spec_model(args, device) if checkpoint is None else load_model(checkpoint, map_location=device)
+    card = model_card(model)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    gradient_options = {"autocast": torch.bfloat16} if args.bf16 else {}  # model in bf16, CAM maths in float32
+    explainers = {name: get_explainer(name, model, layer=args.layer, **gradient_options) for name in methods}
+    options = ExplainOptions(
+        samples=args.samples,
+        misclassified=args.misclassified,
+        limit=args.limit,
+        batch_size=args.batch_size,
+        save_maps=args.save_maps,
+        resume=args.resume,
+        targets=args.targets,
+        meta={
+            "model": args.model or str(checkpoint),
+            "architecture": card.architecture,
+            "device": str(device),
+            "provenance": provenance(checkpoint if checkpoint is not None else args.weights),
+            "card": card.to_dict(),
+        },
+    )
+    # The inputs are read before the output folder is made: a bad file or folder leaves nothing behind.
+    if args.image:
+        images = _read_images(args.image, card)
+        out = ensure_writable_dir(args.out)
+        announce(model, args.layer)
+        result = explain_images(card, explainers, images, args.image, out, device, options)
+    else:
+        dataset = load_split("test", card, args.data_dir)
+        out = ensure_writable_dir(args.out)
+        if ctx.is_main:
+            announce(model, args.layer)
+        result = explain_dataset(model, card, explainers, dataset, out, device, options, ctx)
+        ctx.close()
+        if not ctx.is_main:
+            return 0
+    _report(result)
+    return 0
+
+
+def _check_flags(args: argparse.Namespace) -> list[str]:
+    """The methods, after every flag that can be checked without a model has been."""
     check_spec_flags(args)
     methods = parse_methods(args.methods)
     for name in methods:
         if args.bf16 and not accepts_option(require_explainer(name), "autocast"):
             raise ExplainkitError(f"--bf16 runs the gradient CAMs under autocast; {name!r} does not take it")
     parse_figure_targets(args.targets)
-    device = select_device(args.device)
-    ctx = init_distributed(device.type)  # under torchrun: one rank per process, NCCL on CUDA, else gloo
-    if ctx.enabled and device.type == "cuda":
-        device = torch.device("cuda", ctx.local_rank)
-    if ctx.enabled and not (args.model or args.checkpoint or newest_model(args.models_dir)):
-        raise ExplainkitError("under torchrun, explain needs a model: pass --checkpoint PATH or train one first")
     if args.resume and not args.save_maps:
         raise ExplainkitError("--resume continues a --save-maps run; add --save-maps")
-    if ctx.enabled and args.image:
-        raise ExplainkitError("--image runs in one process; drop torchrun")
-    if args.model:
-        checkpoint = None
-    elif args.checkpoint or args.no_train or newest_model(args.models_dir) is not None:
-        checkpoint = require_model_path(args.checkpoint, args.models_dir)
-    else:  # a fresh machine: check what can be checked, then train a model to explain
-        for name in methods:
-            get_explainer(name, resnet18_cifar(10), layer=args.layer)
-        if args.image:
-            for path in args.image:
-                read_image(path, (32, 32))
-        ensure_writable_dir(args.out)
-        checkpoint = train_first_model(device, args.models_dir, args.data_dir)
-    model = load_spec_model(args, device) if checkpoint is None else load_model(checkpoint, map_location=device)
-    card = model_card(model)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    options = {"autocast": torch.bfloat16} if args.bf16 else {}  # the gradient CAMs: model in bf16, CAM maths in float32
-    explainers = {name: get_explainer(name, model, layer=args.layer, **options) for name in methods}
-    meta = {
-        "model": args.model or str(checkpoint),
-        "architecture": card.architecture,
-        "device": str(device),
-        "provenance": provenance(checkpoint if checkpoint is not None else args.weights),
-        "card": card.to_dict(),
-    }
+    return methods
 
+
+def _check_distributed(args: argparse.Namespace, ctx: DistContext) -> None:
+    if not (args.model or args.checkpoint or newest_model(args.models_dir)):
+        raise ExplainkitError("under torchrun, explain needs a model: pass --checkpoint PATH or train one first")
     if args.image:
-        images = torch.stack(
-            [torch.from_numpy(read_image(p, card.image_size, card.resize, card.interpolation)) for p in args.image]
-        )
-        batch = card.normalize(images.permute(0, 3, 1, 2).float().div(255))
-        out = ensure_writable_dir(args.out)
-        announce(model, args.layer)
-        result = explain_images(
-            model, card, explainers, batch, args.image, out, device, save_maps=args.save_maps, meta=meta, targets=args.targets
-        )
-    else:
-        dataset = load_split("test", card, args.data_dir)
-        out = ensure_writable_dir(args.out)
-        if ctx.is_main:
-            announce(model, args.layer)
-        result = explain_dataset(
-            model,
-            card,
-            explainers,
-            dataset,
-            out,
-            device,
-            samples=args.samples,
-            misclassified=args.misclassified,
-            limit=args.limit,
-            batch_size=args.batch_size,
-            save_maps=args.save_maps,
-            resume=args.resume,
-            meta=meta,
-            targets=args.targets,
-            ctx=ctx,
-        )
-        ctx.close()
-        if not ctx.is_main:
-            return 0
+        raise ExplainkitError("--image runs in one process; drop torchrun")
+
+
+def _checkpoint(args: argparse.Namespace, methods: list[str], device: torch.device) -> Path | None:
+    """The checkpoint to explain (``None`` for ``--model``); on a fresh machine with none anywhere,
+    check what can be checked, then train a quick one to explain."""
+    if args.model:
+        return None
+    if args.checkpoint or args.no_train or newest_model(args.models_dir) is not None:
+        return require_model_path(args.checkpoint, args.models_dir)
+    for name in methods:
+        get_explainer(name, resnet18_cifar(10), layer=args.layer)
+    for path in args.image or []:
+        read_image(path, (32, 32))
+    ensure_writable_dir(args.out)
+    return train_first_model(device, args.models_dir, args.data_dir)
+
+
+def _read_images(paths: list[str], card: ModelCard) -> torch.Tensor:
+    """The ``--image`` files with the model's preprocessing, normalised."""
+    images = torch.stack([torch.from_numpy(read_image(p, card.image_size, card.resize, card.interpolation)) for p in paths])
+    return card.normalize(images.permute(0, 3, 1, 2).float().div(255))
+
+
+def _report(result: ExplainResult) -> None:
     summary = result.summary
-    if "accuracy" in summary and summary["accuracy"] is not None:
+    if summary.get("accuracy") is not None:
         print(
             f"{summary['images']} test images: accuracy {100 * summary['accuracy']:.2f}%, "
             f"{summary['misclassified']} misclassified",
@@ -149,4 +165,3 @@ def run(args: argparse.Namespace) -> int:
         )
     for path in result.outputs:
         print(path)
-    return 0

@@ -1,5 +1,5 @@
 """Datasets: CIFAR-10 through torchvision (downloaded once into a cache), or any ImageFolder
-tree with ``train/`` and ``test/`` splits (``--data-dir``, ``$EXPLAINKIT_DATA_DIR``)."""
+tree with ``train/`` and ``test/`` splits (``data_dir``, ``$EXPLAINKIT_DATA_DIR``)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import datasets, transforms
 
 from explainkit.errors import DataError
@@ -20,6 +20,21 @@ SPLITS = ("train", "test")
 def dataset_size(dataset: Dataset) -> int:
     """``len(dataset)``: every map-style dataset has one, though torch's ``Dataset`` type omits it."""
     return len(dataset)  # type: ignore[arg-type]
+
+
+def evenly_spaced(size: int, count: int) -> list[int]:
+    """``min(count, size)`` indices spread evenly over ``range(size)``, first and last included, so
+    a limited pass over a class-sorted ImageFolder still spans every class."""
+    if count >= size:
+        return list(range(size))
+    return torch.linspace(0, size - 1, count).long().tolist()
+
+
+def limit_evenly(dataset: Dataset, limit: int | None) -> Dataset:
+    """``dataset``, or a :class:`~torch.utils.data.Subset` of ``limit`` evenly spaced items."""
+    if limit is None or limit >= dataset_size(dataset):
+        return dataset
+    return Subset(dataset, evenly_spaced(dataset_size(dataset), limit))
 
 
 def cache_dir() -> Path:
@@ -48,12 +63,12 @@ def eval_transform(card: ModelCard) -> Callable[..., torch.Tensor]:
 
 def check_image_folder(root: Path, splits: tuple[str, ...] = ("test",)) -> None:
     if not root.is_dir():
-        raise DataError(f"--data-dir {root} does not exist or is not a directory")
+        raise DataError(f"data_dir={root} does not exist or is not a directory")
     for split in splits:
         split_dir = root / split
         if not split_dir.is_dir() or not any(p.is_dir() for p in split_dir.iterdir()):
             raise DataError(
-                f"--data-dir {root} has no {split}/<class>/ folders; expected an ImageFolder tree "
+                f"data_dir={root} has no {split}/<class>/ folders; expected an ImageFolder tree "
                 f"with {' and '.join(f'{s}/' for s in SPLITS)} splits"
             )
 
@@ -73,7 +88,7 @@ def open_split(
     except Exception as exc:  # no network, partial download, ...
         raise DataError(
             f"CIFAR-10 is not in {target} and could not be downloaded ({type(exc).__name__}); "
-            "pass --data-dir DIR with an ImageFolder tree of train/ and test/ splits"
+            "pass data_dir=DIR (an ImageFolder tree of train/ and test/ splits)"
         ) from None
     return dataset, list(CIFAR10_CLASSES)
 
@@ -99,7 +114,7 @@ def load_split(
         shown = ", ".join(unknown[:5]) + ("..." if len(unknown) > 5 else "")
         raise DataError(
             f"the data's class folders {shown} are not classes of the model ({len(card.classes)} classes: "
-            f"{', '.join(list(card.classes)[:5])}...); name the folders after the model's classes or pass --classes FILE"
+            f"{', '.join(list(card.classes)[:5])}...); name the folders after the model's classes or pass classes=FILE"
         )
     if isinstance(dataset, datasets.ImageFolder):
         dataset.target_transform = ToModelClass([index[name] for name in classes])

@@ -16,11 +16,11 @@ from typing import Any, Sequence
 
 import torch
 import torch.nn as nn
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from explainkit import figures
-from explainkit.data.datasets import dataset_size, make_loader
+from explainkit.data.datasets import dataset_size, limit_evenly, make_loader
 from explainkit.errors import ExplainkitError
 from explainkit.explainers.base import (
     ALL,
@@ -50,13 +50,51 @@ class ExplainResult:
     outputs: list[Path] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class ExplainOptions:
+    """How an explain job runs, besides its model, explainers, data and output folder.
+
+    samples: images in ``per_class.png``. misclassified: rows in ``misclassified.png``.
+    limit: images scanned, evenly spaced (``None``: all). batch_size: images per forward (and per
+    chunk of the maps store). save_maps: also write every map to ``maps.zarr``. resume: continue an
+    interrupted ``save_maps`` run. targets: the per-class figure's classes (``"auto"``, ``"all"``,
+    ``"topk:K"``). meta: fields copied into ``summary.json`` (model, device, provenance, card).
+    """
+
+    samples: int = 3
+    misclassified: int = 10
+    limit: int | None = None
+    batch_size: int = 128
+    save_maps: bool = False
+    resume: bool = False
+    targets: str = "auto"
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ScanResult:
+    """One pass over a dataset: per image the ``predictions``, ``labels`` and the ``probabilities``
+    of the prediction (CPU tensors); ``maps`` per method (CPU float16, kept only without a store);
+    the ``seconds`` it took."""
+
+    predictions: torch.Tensor
+    labels: torch.Tensor
+    probabilities: torch.Tensor
+    maps: dict[str, torch.Tensor]
+    seconds: float
+
+    @property
+    def accuracy(self) -> float | None:
+        return round(float((self.predictions == self.labels).double().mean()), 6) if len(self.labels) else None
+
+
 def parse_figure_targets(text: str) -> str | tuple[str, int]:
-    """``--targets``: ``"auto"``, ``"all"`` or ``("topk", k)``; anything else is a clear error."""
+    """``targets``: ``"auto"``, ``"all"`` or ``("topk", k)``; anything else is a clear error."""
     if text in ("auto", ALL):
         return text
     k = parse_topk(text)
     if k is None:
-        raise ExplainkitError(f"--targets {text!r}: use auto, all or topk:K (e.g. topk:5)")
+        raise ExplainkitError(f"targets={text!r}: use auto, all or topk:K (e.g. topk:5)")
     return (TOPK, k)
 
 
@@ -73,12 +111,12 @@ def _per_class_title(name: str, explainer: Explainer, targets: str | tuple[str, 
     return f"{name} @ {explainer.layer_name or '-'}: CAM for {shown} (probability)"
 
 
-def _summary(meta: dict[str, Any] | None, explainers: dict[str, Explainer], images: int, **fields: Any) -> dict[str, Any]:
+def _summary(meta: dict[str, Any], explainers: dict[str, Explainer], images: int, **fields: Any) -> dict[str, Any]:
     """The ``summary.json`` fields every explain run shares, then the run's own."""
     primary = next(iter(explainers.values()))
     return {
         "schema_version": SCHEMA_VERSION,
-        **(meta or {}),
+        **meta,
         "layer": primary.layer_name,
         "methods": list(explainers),
         "images": images,
@@ -166,7 +204,7 @@ def scan(
     explainers: dict[str, Any] | None = None,
     store: MapsStore | None = None,
     ctx: DistContext | None = None,
-) -> dict[str, Any]:
+) -> ScanResult:
     """Predict every image (and, with ``explainers``, explain its predicted class with each).
 
     Without ``store`` everything is kept in memory. With a :class:`MapsStore` each batch is one
@@ -174,8 +212,7 @@ def scan(
     it goes, so memory stays flat and a killed run resumes where it stopped; the returned
     ``predictions``/``labels``/``probabilities`` then cover every rank's rows.
 
-    Returns ``predictions``, ``labels``, ``probabilities`` (of the prediction) as CPU tensors,
-    ``maps`` per method (CPU float16; in memory only, without a store) and ``seconds``.
+    Returns a :class:`ScanResult` (maps kept in memory only without a store).
     """
     ctx = ctx or DistContext()
     pending = store.pending(ctx.rank, ctx.world_size) if store is not None else []
@@ -210,14 +247,14 @@ def scan(
     ctx.barrier()  # every rank's chunks are written before anyone reads them
     seconds = time.perf_counter() - start
     if store is not None:
-        return {**store.results(), "maps": {}, "seconds": seconds}
-    return {
-        "predictions": torch.cat(predictions).cpu() if predictions else torch.empty(0, dtype=torch.long),
-        "probabilities": torch.cat(confidence).cpu() if confidence else torch.empty(0),
-        "labels": torch.cat(labels) if labels else torch.empty(0, dtype=torch.long),
-        "maps": {name: torch.cat(chunks) for name, chunks in maps.items()},
-        "seconds": seconds,
-    }
+        return ScanResult(**store.results(), maps={}, seconds=seconds)
+    return ScanResult(
+        predictions=torch.cat(predictions).cpu() if predictions else torch.empty(0, dtype=torch.long),
+        labels=torch.cat(labels) if labels else torch.empty(0, dtype=torch.long),
+        probabilities=torch.cat(confidence).cpu() if confidence else torch.empty(0),
+        maps={name: torch.cat(chunks) for name, chunks in maps.items()},
+        seconds=seconds,
+    )
 
 
 def open_store(
@@ -251,127 +288,157 @@ def open_store(
 def explain_dataset(
     model: nn.Module,
     card: ModelCard,
-    explainers: dict[str, Any],
+    explainers: dict[str, Explainer],
     dataset: Dataset,
     out: Path,
     device: torch.device,
-    *,
-    samples: int = 3,
-    misclassified: int = 10,
-    limit: int | None = None,
-    batch_size: int = 128,
-    save_maps: bool = False,
-    resume: bool = False,
-    meta: dict[str, Any] | None = None,
+    options: ExplainOptions | None = None,
     ctx: DistContext | None = None,
-    targets: str = "auto",
 ) -> ExplainResult:
-    """Scan ``dataset`` (``limit`` evenly spaced images, default all) and write ``per_class.png``,
-    ``misclassified.png``, ``methods.png`` (several methods), ``confusion_matrix.png`` (up to 20
-    classes), ``summary.json``, ``report.html`` and, with
-    ``save_maps``, every map into ``maps.zarr`` (:mod:`explainkit.jobs.maps_store`). The first method
-    drives the per-class and misclassified grids.
+    """Scan ``dataset`` and write ``per_class.png``, ``misclassified.png``, ``methods.png`` (several
+    methods), ``confusion_matrix.png`` (up to 20 classes), ``summary.json``, ``report.html`` and, with
+    ``options.save_maps``, every map into ``maps.zarr`` (:mod:`explainkit.jobs.maps_store`). The
+    first method drives the per-class and misclassified grids.
 
-    Under ``torchrun`` (``ctx`` with several ranks) the scan is sharded across ranks through the
-    store; rank 0 draws the figures and writes the summary, the other ranks return an empty result.
-    ``resume`` continues an interrupted ``--save-maps`` run from the chunks it finished.
+    Steps: limit the data -> open the store -> scan -> figures -> summary and report. Under
+    ``torchrun`` (``ctx`` with several ranks) the scan is sharded across ranks through the store;
+    rank 0 draws the figures and writes the summary, the other ranks return an empty result.
     """
     ctx = ctx or DistContext()
-    if limit is not None and limit < dataset_size(dataset):
-        # Evenly spaced, so a limited scan of a class-sorted ImageFolder still spans every class.
-        dataset = Subset(dataset, torch.linspace(0, dataset_size(dataset) - 1, limit).long().tolist())
-    primary_name, primary = next(iter(explainers.items()))
-    layer_name = primary.layer_name
+    options = options or ExplainOptions()
     started = time.perf_counter()
-    store = None
-    if save_maps or ctx.enabled:  # several ranks always merge through the store
-        stored_methods = list(explainers) if save_maps else []
-        fingerprint = {
-            "methods": stored_methods,
-            "rows": dataset_size(dataset),
-            "chunk": batch_size,
-            "layer": layer_name,
-            "model": (meta or {}).get("model"),
-        }
-        store = open_store(out, dataset_size(dataset), batch_size, stored_methods, card.image_size, fingerprint, resume, ctx)
-    scanned = scan(model, dataset, device, batch_size, explainers if save_maps else None, store, ctx)
+    dataset = limit_evenly(dataset, options.limit)
+    store = _store_for_scan(out, card, explainers, dataset, options, ctx)
+    scanned = scan(model, dataset, device, options.batch_size, explainers if options.save_maps else None, store, ctx)
     if not ctx.is_main:
         return ExplainResult({}, [])
-    if store is not None and not save_maps:
+    if store is not None and not options.save_maps:
         shutil.rmtree(store.path)  # only carried the ranks' predictions
-    predictions, labels = scanned["predictions"], scanned["labels"]
-    wrong = (predictions != labels).nonzero().flatten()
-    outputs: list[Path] = []
-    classes = card.classes
-
     draw_start = time.perf_counter()
-    sample_indices = pick_samples(labels, samples)
-    sample_images, sample_labels = _stack(dataset, sample_indices)
-    if len(sample_indices):
-        batch = sample_images.to(device)
-        shown = figure_targets(targets, card.num_classes)
-        per_class = primary.explain(batch, shown)
-        figure = figures.per_class_grid(
-            card.denormalize(sample_images),
-            per_class.maps.cpu(),
-            per_class.probabilities.cpu(),
-            classes,
-            labels=[f"true: {classes[y]}" for y in sample_labels.tolist()],
-            title=_per_class_title(primary_name, primary, shown),
-            class_indices=_shown_classes(per_class),
-        )
-        outputs.append(figures.save_figure(figure, out / "per_class.png"))
-        if len(explainers) > 1:
-            outputs.append(_methods_figure(_explain_all_methods(explainers, model, batch), batch, card, out, sample_labels))
-
-    if card.num_classes <= MAX_CLASSES_SHOWN and len(labels):
-        confusion = torch.zeros(card.num_classes, card.num_classes, dtype=torch.long)
-        confusion.index_put_((labels, predictions), torch.ones_like(labels), accumulate=True)
-        figure = figures.confusion_figure(confusion, classes)
-        outputs.append(figures.save_figure(figure, out / "confusion_matrix.png"))
-
-    wrong_indices = pick_misclassified(predictions, labels, scanned["probabilities"], misclassified)
-    wrong_images, wrong_labels = _stack(dataset, wrong_indices)
-    wrong_predicted = predictions[wrong_indices] if wrong_indices else torch.empty(0, dtype=torch.long)
-    if wrong_indices:
-        batch = wrong_images.to(device)
-        predicted_maps = primary.explain(batch, wrong_predicted.to(device)).maps.cpu()
-        true_maps = primary.explain(batch, wrong_labels.to(device)).maps.cpu()
-    else:
-        predicted_maps = true_maps = torch.empty(0)
-    figure = figures.misclassified_grid(
-        card.denormalize(wrong_images) if wrong_indices else wrong_images,
-        predicted_maps,
-        true_maps,
-        wrong_predicted.tolist(),
-        wrong_labels.tolist(),
-        scanned["probabilities"][wrong_indices].tolist() if wrong_indices else [],
-        classes,
-        total_wrong=len(wrong),
-        scanned=len(labels),
-        title=f"{primary_name} @ {layer_name or '-'}",
-    )
-    outputs.append(figures.save_figure(figure, out / "misclassified.png"))
-
-    if save_maps:
+    outputs = _sample_figures(explainers, card, dataset, scanned, out, device, options)
+    if card.num_classes <= MAX_CLASSES_SHOWN and len(scanned.labels):
+        outputs.append(_confusion_figure(scanned, card, out))
+    outputs.append(_misclassified_figure(explainers, card, dataset, scanned, out, device, options.misclassified))
+    if options.save_maps:
         outputs.append(out / STORE_NAME)
-
-    images = len(labels)
+    images = len(scanned.labels)
     summary = _summary(
-        meta,
+        options.meta,
         explainers,
         images,
-        accuracy=round(float((predictions == labels).double().mean()), 6) if images else None,
-        misclassified=int(len(wrong)),
+        accuracy=scanned.accuracy,
+        misclassified=int((scanned.predictions != scanned.labels).sum()),
         world_size=ctx.world_size,
         timings={
-            "scan_seconds": round(scanned["seconds"], 3),
-            "scan_images_per_second": round(images / scanned["seconds"], 1) if scanned["seconds"] > 0 else None,
+            "scan_seconds": round(scanned.seconds, 3),
+            "scan_images_per_second": round(images / scanned.seconds, 1) if scanned.seconds > 0 else None,
             "figures_seconds": round(time.perf_counter() - draw_start, 3),
             "total_seconds": round(time.perf_counter() - started, 3),
         },
     )
     return _finish(out, summary, outputs)
+
+
+def _store_for_scan(
+    out: Path, card: ModelCard, explainers: dict[str, Explainer], dataset: Dataset, options: ExplainOptions, ctx: DistContext
+) -> MapsStore | None:
+    """The maps store the scan writes: with ``save_maps``, and always under several ranks (they
+    merge their predictions through it)."""
+    if not (options.save_maps or ctx.enabled):
+        return None
+    stored_methods = list(explainers) if options.save_maps else []
+    rows = dataset_size(dataset)
+    fingerprint = {
+        "methods": stored_methods,
+        "rows": rows,
+        "chunk": options.batch_size,
+        "layer": _primary(explainers)[1].layer_name,
+        "model": options.meta.get("model"),
+    }
+    return open_store(out, rows, options.batch_size, stored_methods, card.image_size, fingerprint, options.resume, ctx)
+
+
+def _primary(explainers: dict[str, Explainer]) -> tuple[str, Explainer]:
+    """The first method: it draws the per-class and misclassified grids."""
+    return next(iter(explainers.items()))
+
+
+def _sample_figures(
+    explainers: dict[str, Explainer],
+    card: ModelCard,
+    dataset: Dataset,
+    scanned: ScanResult,
+    out: Path,
+    device: torch.device,
+    options: ExplainOptions,
+) -> list[Path]:
+    """``per_class.png`` for a few images of distinct classes, and ``methods.png`` for several methods."""
+    indices = pick_samples(scanned.labels, options.samples)
+    if not indices:
+        return []
+    images, labels = _stack(dataset, indices)
+    name, primary = _primary(explainers)
+    batch = images.to(device)
+    shown = figure_targets(options.targets, card.num_classes)
+    per_class = primary.explain(batch, shown)
+    figure = figures.per_class_grid(
+        card.denormalize(images),
+        per_class.maps.cpu(),
+        per_class.probabilities.cpu(),
+        card.classes,
+        labels=[f"true: {card.classes[y]}" for y in labels.tolist()],
+        title=_per_class_title(name, primary, shown),
+        class_indices=_shown_classes(per_class),
+    )
+    outputs = [figures.save_figure(figure, out / "per_class.png")]
+    if len(explainers) > 1:
+        outputs.append(_methods_figure(_explain_all_methods(explainers, batch), batch, card, out, labels))
+    return outputs
+
+
+def _confusion_figure(scanned: ScanResult, card: ModelCard, out: Path) -> Path:
+    confusion = torch.zeros(card.num_classes, card.num_classes, dtype=torch.long)
+    confusion.index_put_((scanned.labels, scanned.predictions), torch.ones_like(scanned.labels), accumulate=True)
+    return figures.save_figure(figures.confusion_figure(confusion, card.classes), out / "confusion_matrix.png")
+
+
+def _misclassified_figure(
+    explainers: dict[str, Explainer],
+    card: ModelCard,
+    dataset: Dataset,
+    scanned: ScanResult,
+    out: Path,
+    device: torch.device,
+    rows: int,
+) -> Path:
+    """``misclassified.png``: ``rows`` mistakes spread over the true classes, each with the map of
+    the predicted class and of the true one."""
+    name, primary = _primary(explainers)
+    indices = pick_misclassified(scanned.predictions, scanned.labels, scanned.probabilities, rows)
+    images, truth = _stack(dataset, indices)
+    predicted = scanned.predictions[indices] if indices else torch.empty(0, dtype=torch.long)
+    if indices:
+        batch = images.to(device)
+        predicted_maps = primary.explain(batch, predicted.to(device)).maps.cpu()
+        true_maps = primary.explain(batch, truth.to(device)).maps.cpu()
+    else:
+        predicted_maps = true_maps = torch.empty(0)
+    wrong = figures.Misclassified(
+        card.denormalize(images) if indices else images,
+        predicted_maps,
+        true_maps,
+        predicted.tolist(),
+        truth.tolist(),
+        scanned.probabilities[indices].tolist() if indices else [],
+    )
+    figure = figures.misclassified_grid(
+        wrong,
+        card.classes,
+        total_wrong=int((scanned.predictions != scanned.labels).sum()),
+        scanned=len(scanned.labels),
+        title=f"{name} @ {primary.layer_name or '-'}",
+    )
+    return figures.save_figure(figure, out / "misclassified.png")
 
 
 def _finish(out: Path, summary: dict[str, Any], outputs: list[Path]) -> ExplainResult:
@@ -384,7 +451,7 @@ def _finish(out: Path, summary: dict[str, Any], outputs: list[Path]) -> ExplainR
     return ExplainResult(summary, outputs + [out / "summary.json", report])
 
 
-def _explain_all_methods(explainers: dict[str, Any], model: nn.Module, batch: torch.Tensor) -> dict[str, Explanation]:
+def _explain_all_methods(explainers: dict[str, Explainer], batch: torch.Tensor) -> dict[str, Explanation]:
     return {name: explainer.explain(batch, None) for name, explainer in explainers.items()}
 
 
@@ -409,20 +476,19 @@ def _methods_figure(
 
 
 def explain_images(
-    model: nn.Module,
     card: ModelCard,
-    explainers: dict[str, Any],
+    explainers: dict[str, Explainer],
     images: torch.Tensor,
     names: Sequence[str],
     out: Path,
     device: torch.device,
-    *,
-    save_maps: bool = False,
-    meta: dict[str, Any] | None = None,
-    targets: str = "auto",
+    options: ExplainOptions | None = None,
 ) -> ExplainResult:
-    """Explain given images (already preprocessed): ``per_class.png``, ``methods.png``, ``summary.json``."""
-    primary_name, primary = next(iter(explainers.items()))
+    """Explain given images (already preprocessed): ``per_class.png``, ``methods.png`` (several
+    methods), ``summary.json``, ``report.html`` and, with ``options.save_maps``, ``maps.zarr``."""
+    options = options or ExplainOptions()
+    primary_name, primary = _primary(explainers)
+    save_maps, meta, targets = options.save_maps, options.meta, options.targets
     started = time.perf_counter()
     batch = images.to(device)
     shown = figure_targets(targets, card.num_classes)
@@ -444,7 +510,7 @@ def explain_images(
         )
     ]
     if len(explainers) > 1 or save_maps:
-        results = _explain_all_methods(explainers, model, batch)  # once: the figure and the store share them
+        results = _explain_all_methods(explainers, batch)  # once: the figure and the store share them
         if len(explainers) > 1:
             outputs.append(_methods_figure(results, batch, card, out, None))
         if save_maps:

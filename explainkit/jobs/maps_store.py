@@ -1,4 +1,4 @@
-"""The maps store: ``maps.zarr`` in an ``explain --save-maps`` output folder.
+"""The maps store: ``maps.zarr`` in the output folder of an explain run with ``save_maps``.
 
 One zarr group, written incrementally in chunks of ``chunk`` rows (the batch size), rows in scan
 order:
@@ -6,7 +6,7 @@ order:
 * ``maps/<method>``: float16 ``(N, H, W)``, one array per method;
 * ``predictions`` (int64), ``labels`` (int64), ``probabilities`` (float32, of the prediction): ``(N,)``;
 * ``done``: uint8 ``(num_chunks,)``, one zarr chunk per element, set after a chunk's rows are
-  written. ``--resume`` recomputes exactly the chunks not marked done, so a run killed at any point
+  written. ``resume`` recomputes exactly the chunks not marked done, so a run killed at any point
   (SIGKILL included) continues without redoing finished work.
 
 Under ``torchrun`` chunk ``c`` belongs to rank ``c % world_size``: every image is explained once,
@@ -34,7 +34,7 @@ FORMAT_VERSION = 1
 
 
 def _zarr():
-    import zarr  # imported on use: only --save-maps and torchrun runs need it
+    import zarr  # imported on use: only save_maps and torchrun runs need it
 
     return zarr
 
@@ -83,12 +83,14 @@ class MapsStore:
             attrs = dict(group.attrs)
             rows, chunk, methods = int(attrs["rows"]), int(attrs["chunk"]), list(attrs["methods"])
         except Exception as exc:
-            raise ExplainkitError(f"cannot open the maps store {path} ({type(exc).__name__}); run without --resume") from None
+            raise ExplainkitError(
+                f"cannot open the maps store {path} ({type(exc).__name__}); run again with resume=False"
+            ) from None
         if fingerprint is not None and attrs.get("fingerprint") != fingerprint:
             saved = attrs.get("fingerprint") or {}
             differ = sorted(k for k in set(saved) | set(fingerprint) if saved.get(k) != fingerprint.get(k))
             raise ExplainkitError(
-                f"cannot resume: {path} was made with other settings ({', '.join(differ)}); run without --resume"
+                f"cannot resume: {path} was made with other settings ({', '.join(differ)}); run again with resume=False"
             )
         return cls(path, group, rows, chunk, methods)
 
@@ -130,7 +132,7 @@ class MapsStore:
 
 
 def load_maps(out_dir: str | Path) -> dict[str, Any]:
-    """Method name -> lazily read ``(N, H, W)`` float16 array of an ``explain --save-maps`` run.
+    """Method name -> lazily read ``(N, H, W)`` float16 array of an explain run with ``save_maps``.
 
     Example:
         >>> maps = explainkit.load_maps("outputs")
@@ -138,14 +140,14 @@ def load_maps(out_dir: str | Path) -> dict[str, Any]:
     """
     path = Path(out_dir) / STORE_NAME
     if not path.is_dir():
-        raise ExplainkitError(f"no {STORE_NAME} in {out_dir}; run explain with --save-maps")
+        raise ExplainkitError(f"no {STORE_NAME} in {out_dir}; run explain with save_maps=True")
     store = MapsStore.open(path)
     if not store.complete():
-        raise ExplainkitError(f"{path} is incomplete (a run stopped mid-way); continue it with explain --resume")
+        raise ExplainkitError(f"{path} is incomplete (a run stopped mid-way); continue it with resume=True")
     return {name: store.group["maps"][name] for name in store.methods}
 
 
 def load_results(out_dir: str | Path) -> dict[str, np.ndarray]:
-    """Predictions, labels and probabilities (numpy) of an ``explain --save-maps`` run."""
+    """Predictions, labels and probabilities (numpy) of an explain run with ``save_maps``."""
     store = MapsStore.open(Path(out_dir) / STORE_NAME)
     return {key: value.numpy() for key, value in store.results().items()}

@@ -71,12 +71,12 @@ def parse_spec(text: str) -> ModelSpec:
     """``"timm:vit_small_patch16_224"`` -> ``ModelSpec("timm", "vit_small_patch16_224")``."""
     kind, sep, name = text.partition(":")
     if not sep or not name or not kind:
-        raise ModelSpecError(f"--model {text!r}: expected torchvision:NAME, timm:NAME, hf:DIR or package.module:callable")
+        raise ModelSpecError(f"spec={text!r}: expected torchvision:NAME, timm:NAME, hf:DIR or package.module:callable")
     if kind in KINDS:
         return ModelSpec(kind, name)
     if all(part.isidentifier() for part in kind.split(".")) and name.isidentifier():
         return ModelSpec("callable", text)
-    raise ModelSpecError(f"--model {text!r}: unknown kind {kind!r}; use torchvision:, timm:, hf: or package.module:callable")
+    raise ModelSpecError(f"spec={text!r}: unknown kind {kind!r}; use torchvision:, timm:, hf: or package.module:callable")
 
 
 @contextmanager
@@ -98,7 +98,7 @@ def _first_line(error: BaseException) -> str:
 def _offline_error(spec: ModelSpec, error: BaseException) -> CheckpointError:
     return CheckpointError(
         f"cannot fetch the pretrained weights of {spec} (no network? {_first_line(error)}); "
-        "pass --weights PATH to a local state_dict"
+        "pass weights=PATH (a local state_dict)"
     )
 
 
@@ -110,12 +110,12 @@ def read_classes(source: str | Path | Sequence[str]) -> list[str]:
     try:
         text = path.read_text()
     except (OSError, UnicodeDecodeError) as error:
-        raise ExplainkitError(f"cannot read --classes {path}: {_first_line(error)}") from None
+        raise ExplainkitError(f"classes={path}: cannot read it: {_first_line(error)}") from None
     if text.lstrip().startswith("["):
         try:
             names = json.loads(text)
         except json.JSONDecodeError as error:
-            raise ExplainkitError(f"--classes {path}: invalid JSON: {error}") from None
+            raise ExplainkitError(f"classes={path}: invalid JSON: {error}") from None
         return [str(name) for name in names]
     return [line.strip() for line in text.splitlines() if line.strip()]
 
@@ -241,9 +241,9 @@ def _hf(spec: ModelSpec, weights: str | None) -> tuple[nn.Module, list[str] | No
         raise ExplainkitError("Hugging Face models need transformers: pip install 'explainkit[hf]'") from None
     directory = Path(spec.name)
     if not (directory / "config.json").is_file():
-        raise ModelSpecError(f"--model hf:{directory}: not a directory written by save_pretrained (no config.json)")
+        raise ModelSpecError(f"spec=hf:{directory}: not a directory written by save_pretrained (no config.json)")
     if weights == DEFAULT_WEIGHTS:
-        raise ExplainkitError("hf: models carry their weights in the directory; drop --weights DEFAULT")
+        raise ExplainkitError("hf: models carry their weights in the directory; drop weights=DEFAULT")
     try:
         model = AutoModelForImageClassification.from_pretrained(str(directory), local_files_only=True)
     except Exception as error:
@@ -294,20 +294,20 @@ def _callable(spec: ModelSpec, weights: str | None) -> tuple[nn.Module, list[str
     try:
         module = importlib.import_module(module_name)
     except Exception as error:  # ImportError, or the module itself failing to import
-        raise ModelSpecError(f"--model {spec}: cannot import {module_name!r}: {_first_line(error)}") from None
+        raise ModelSpecError(f"spec={spec}: cannot import {module_name!r}: {_first_line(error)}") from None
     factory = getattr(module, attribute, None)
     if not callable(factory):
-        raise ModelSpecError(f"--model {spec}: {module_name} has no callable {attribute!r}")
+        raise ModelSpecError(f"spec={spec}: {module_name} has no callable {attribute!r}")
     if weights == DEFAULT_WEIGHTS:
         raise ExplainkitError(
-            f"--weights DEFAULT needs a library model (torchvision:, timm:); {spec} is your own: pass --weights PATH"
+            f"weights=DEFAULT needs a library model (torchvision:, timm:); {spec} is your own: pass weights=PATH"
         )
     try:
         model = factory()
     except Exception as error:
-        raise ModelSpecError(f"--model {spec}: calling {attribute}() failed: {_first_line(error)}") from None
+        raise ModelSpecError(f"spec={spec}: calling {attribute}() failed: {_first_line(error)}") from None
     if not isinstance(model, nn.Module):
-        raise ModelSpecError(f"--model {spec}: {attribute}() returned {type(model).__name__}, not a torch.nn.Module")
+        raise ModelSpecError(f"spec={spec}: {attribute}() returned {type(model).__name__}, not a torch.nn.Module")
     if weights is not None:
         _load_state(model, _read_weights(weights), spec, weights)
     names = getattr(model, "classes", None)
@@ -350,10 +350,10 @@ def load_spec(
     parsed = parse_spec(spec) if isinstance(spec, str) else spec
     weights_arg = str(weights) if weights is not None else None
     if weights_arg is not None and weights_arg != DEFAULT_WEIGHTS and not Path(weights_arg).is_file():
-        raise CheckpointError(f"--weights {weights_arg}: no such file")
+        raise CheckpointError(f"weights={weights_arg}: no such file")
     model, known_classes, preprocessing = LOADERS[parsed.kind](parsed, weights_arg)
     if weights_arg is None and parsed.kind != "hf":  # hf: directories carry their weights
-        warnings.warn(f"{parsed} has random weights (no --weights): its maps mean nothing", RuntimeWarning, stacklevel=2)
+        warnings.warn(f"{parsed} has random weights (no weights=): its maps mean nothing", RuntimeWarning, stacklevel=2)
     card_file = Path(weights_arg).with_suffix(".json") if weights_arg not in (None, DEFAULT_WEIGHTS) else None
     saved = ModelCard.read(card_file) if card_file is not None and card_file.is_file() else None
     if saved is not None:
@@ -369,7 +369,7 @@ def load_spec(
     num_classes = _num_classes(model, preprocessing.size)
     names = read_classes(classes) if classes is not None else (saved.classes if saved is not None else known_classes)
     if names is not None and len(names) != num_classes:
-        source = "--classes" if classes is not None else "the model's metadata"
+        source = "classes=" if classes is not None else "the model's metadata"
         raise ExplainkitError(f"{source} names {len(names)} classes but {parsed} outputs {num_classes}")
     card = ModelCard(
         architecture=str(parsed),

@@ -155,7 +155,7 @@ def require_model_path(checkpoint: str | Path | None, directory: str | Path | No
     found = newest_model(directory)
     if found is None:
         raise ExplainkitError(
-            f"no model given and none found under {models_dir(directory)}/; pass --checkpoint PATH, or train one with: "
-            "python -m explainkit train --recipe quick --data-dir DIR (or drop --no-train)"
+            f"no model given and none found under {models_dir(directory)}/; pass checkpoint=PATH, or train one with: "
+            "python -m explainkit train --recipe quick --data-dir DIR"
         )
     return found

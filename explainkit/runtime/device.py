@@ -18,9 +18,9 @@ def select_device(name: str = "auto") -> torch.device:
             return torch.device("mps")
         return torch.device("cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise ExplainkitError("--device cuda requested but CUDA is not available; use --device auto or cpu")
+        raise ExplainkitError("device=cuda requested but CUDA is not available; use device=auto or cpu")
     if name == "mps" and not torch.backends.mps.is_available():
-        raise ExplainkitError("--device mps requested but MPS is not available; use --device auto or cpu")
+        raise ExplainkitError("device=mps requested but MPS is not available; use device=auto or cpu")
     if name not in DEVICE_CHOICES:
         raise ExplainkitError(f"unknown device {name!r}; choose from {', '.join(DEVICE_CHOICES)}")
     return torch.device(name)

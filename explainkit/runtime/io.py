@@ -42,7 +42,7 @@ def write_json(path: str | Path, data: Any) -> None:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
-def ensure_writable_dir(path: str | Path, flag: str = "--out") -> Path:
+def ensure_writable_dir(path: str | Path, parameter: str = "out") -> Path:
     """Create ``path`` if needed and check that files can be written there; clear error if not."""
     path = Path(path)
     try:
@@ -51,5 +51,5 @@ def ensure_writable_dir(path: str | Path, flag: str = "--out") -> Path:
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:
-        raise ExplainkitError(f"cannot write to {flag} directory {path}: {exc.strerror or exc}") from None
+        raise ExplainkitError(f"{parameter}={path}: cannot write there: {exc.strerror or exc}") from None
     return path
