@@ -22,6 +22,7 @@ import ast
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,7 +47,20 @@ def parse_variant(text: str) -> tuple[str, str, dict]:
     return name, recipe, overrides
 
 
-def run_variant(args, name, recipe_name, overrides, seed, splits, device, scratch, results) -> Path:
+@dataclass
+class Sweep:
+    """What every variant of one sweep shares: the flags, the decoded splits, the device, a scratch
+    folder and the results being collected."""
+
+    args: argparse.Namespace
+    splits: object
+    device: torch.device
+    scratch: Path
+    results: dict
+
+
+def run_variant(sweep: Sweep, name: str, recipe_name: str, overrides: dict, seed: int) -> Path:
+    args, splits, device, scratch, results = sweep.args, sweep.splits, sweep.device, sweep.scratch, sweep.results
     overrides = dict(overrides)
     lr_find_iters = int(overrides.pop("lr_find_iters", 100))
     if args.dry_run:
@@ -147,11 +161,12 @@ def main(argv: list[str] | None = None) -> int:
         scratch = args.scratch = Path(tmp)
         splits = load_device_splits(data_root(args, scratch), download=False)
         outs = {}
+        sweep = Sweep(args, splits, device, scratch, results)
         for name, recipe_name, overrides in variants:
             if time.perf_counter() - started > args.budget:
                 results["skipped"].append(name)
                 continue
-            outs[name] = run_variant(args, name, recipe_name, overrides, 0, splits, device, scratch, results)
+            outs[name] = run_variant(sweep, name, recipe_name, overrides, 0)
         candidates = [r for r in results["runs"].values() if r["recipe"] == "default"]
         if candidates:
             best = max(candidates, key=lambda r: r["test_accuracy"])["variant"]
@@ -160,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
             package_reports(args, {best: outs[best]})
             if args.confirm and time.perf_counter() - started < args.budget + 60:
                 spec = next(v for v in variants if v[0] == best)
-                run_variant(args, best, spec[1], spec[2], 1, splits, device, scratch, results)
+                run_variant(sweep, best, spec[1], spec[2], 1)
     results["total_seconds"] = round(time.perf_counter() - started, 1)
     write_results(args.out, results)
     log(f"done in {results['total_seconds']} s")

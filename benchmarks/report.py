@@ -128,67 +128,83 @@ def write_results(benchmarks, path: Path) -> None:
         "so the targets use it.",
         "",
     ]
-    groups = list(dict.fromkeys(row["group"] for row in rows))
-    for group in groups:
+    for group in dict.fromkeys(row["group"] for row in rows):
         in_group = [row for row in rows if row["group"] == group]
         lines += [f"## {group}", ""]
-        if group.endswith("-memory"):
-            forward = next((r for r in in_group if r["case"] == "peak memory: forward"), None)
-            lines += ["| case | batch | peak added (MiB) | ratio to forward |", "| --- | --- | --- | --- |"]
-            for row in in_group:
-                mib = row.get("peak_bytes", 0) / 2**20
-                rel = row.get("peak_bytes", 0) / forward["peak_bytes"] if forward and forward.get("peak_bytes") else float("nan")
-                lines.append(f"| {row['case']} | {row['batch']} | {mib:.1f} | {rel:.2f}x |")
-            lines += ["", "Target: all classes @layer4 <= 1.5x the forward's peak.", ""]
-            continue
-        floor = _find(rows, group, "forward (inference_mode)") or next(
-            (r for r in in_group if r["case"].startswith(("end to end: inference", "device-resident split: inference"))), None
-        )
-        lines += ["| case | layer | images/s | ratio to floor | ratio to interleaved floor |", "| --- | --- | --- | --- | --- |"]
-        for row in in_group:
-            rel = f"{row['ips'] / floor['ips']:.2f}x" if floor else "-"
-            inter = f"{row['interleaved']:.2f}x" if row.get("interleaved") else "-"
-            lines.append(f"| {row['case']} | {row['layer']} | {row['ips']:.1f} | {rel} | {inter} |")
-        lines.append("")
-        if floor and floor["case"].startswith("forward"):  # single-batch groups
-            lines += ["| target | measured | wanted | met |", "| --- | --- | --- | --- |"]
-            for what, value, wanted, met in _targets(rows, group):
-                shown = "n/a" if value is None else f"{value:.2f}x"
-                lines.append(f"| {what} | {shown} | {wanted} | {'n/a' if met is None else ('yes' if met else '**no**')} |")
-            lines.append("")
-        elif group.endswith(("-scorecam", "-perturbation")):
-            for method, peer_name, wanted in (("scorecam", "ScoreCAM", 1.2), ("ablationcam", "AblationCAM", 5.0)):
-                single, every, peer = (
-                    _find(rows, group, c)
-                    for c in (f"{method} single target", f"{method} all classes", f"pytorch-grad-cam {peer_name} single target")
-                )
-                if single and peer:
-                    lines += [
-                        f"{method} vs pytorch-grad-cam {peer_name}, single target @layer4: "
-                        f"{peer['median_s'] / single['median_s']:.2f}x (target >= {wanted}x).",
-                        "",
-                    ]
-                if single and every:
-                    lines += [
-                        f"{method} all classes / single target time: {every['median_s'] / single['median_s']:.2f}x "
-                        "(target <= 1.5x).",
-                        "",
-                    ]
-        elif floor and group.endswith("-device-resident"):
-            every = next((r for r in in_group if "all classes" in r["case"]), None)
-            if every:
-                seconds = every["median_s"]
-                met = "yes" if seconds < 1.0 else "**no**"
-                lines += [
-                    f"All ten classes' GradCAM at layer4 for {every['images']} images ({every.get('source', '')}): "
-                    f"{seconds:.3f} s (median of 3). Target on a GPU, whole 10,000-image split: < 1 s — "
-                    f"{met if every['device'] == 'cuda' and every['images'] >= 10000 else 'n/a here'}.",
-                    "",
-                ]
-        elif floor:
-            lines += [
-                f"Target: explain >= 0.80x inference over the same loader ({row.get('images')} images, {row.get('source', '')}).",
-                "",
-            ]
+        lines += _memory_lines(in_group) if group.endswith("-memory") else _throughput_lines(rows, group, in_group)
     with atomic_path(path) as tmp:
         tmp.write_text("\n".join(lines) + "\n")
+
+
+def _memory_lines(in_group: list[dict]) -> list[str]:
+    forward = next((r for r in in_group if r["case"] == "peak memory: forward"), None)
+    lines = ["| case | batch | peak added (MiB) | ratio to forward |", "| --- | --- | --- | --- |"]
+    for row in in_group:
+        mib = row.get("peak_bytes", 0) / 2**20
+        rel = row.get("peak_bytes", 0) / forward["peak_bytes"] if forward and forward.get("peak_bytes") else float("nan")
+        lines.append(f"| {row['case']} | {row['batch']} | {mib:.1f} | {rel:.2f}x |")
+    return lines + ["", "Target: all classes @layer4 <= 1.5x the forward's peak.", ""]
+
+
+def _throughput_lines(rows: list[dict], group: str, in_group: list[dict]) -> list[str]:
+    floor = _find(rows, group, "forward (inference_mode)") or next(
+        (r for r in in_group if r["case"].startswith(("end to end: inference", "device-resident split: inference"))), None
+    )
+    lines = ["| case | layer | images/s | ratio to floor | ratio to interleaved floor |", "| --- | --- | --- | --- | --- |"]
+    for row in in_group:
+        rel = f"{row['ips'] / floor['ips']:.2f}x" if floor else "-"
+        inter = f"{row['interleaved']:.2f}x" if row.get("interleaved") else "-"
+        lines.append(f"| {row['case']} | {row['layer']} | {row['ips']:.1f} | {rel} | {inter} |")
+    lines.append("")
+    if floor and floor["case"].startswith("forward"):  # single-batch groups
+        lines += ["| target | measured | wanted | met |", "| --- | --- | --- | --- |"]
+        for what, value, wanted, met in _targets(rows, group):
+            shown = "n/a" if value is None else f"{value:.2f}x"
+            lines.append(f"| {what} | {shown} | {wanted} | {'n/a' if met is None else ('yes' if met else '**no**')} |")
+        lines.append("")
+    elif group.endswith(("-scorecam", "-perturbation")):
+        lines += _perturbation_lines(rows, group)
+    elif floor and group.endswith("-device-resident"):
+        lines += _device_resident_lines(in_group)
+    elif floor:
+        lines += [
+            f"Target: explain >= 0.80x inference over the same loader ({in_group[-1].get('images')} images, "
+            f"{in_group[-1].get('source', '')}).",
+            "",
+        ]
+    return lines
+
+
+def _perturbation_lines(rows: list[dict], group: str) -> list[str]:
+    lines: list[str] = []
+    for method, peer_name, wanted in (("scorecam", "ScoreCAM", 1.2), ("ablationcam", "AblationCAM", 5.0)):
+        single, every, peer = (
+            _find(rows, group, c)
+            for c in (f"{method} single target", f"{method} all classes", f"pytorch-grad-cam {peer_name} single target")
+        )
+        if single and peer:
+            lines += [
+                f"{method} vs pytorch-grad-cam {peer_name}, single target @layer4: "
+                f"{peer['median_s'] / single['median_s']:.2f}x (target >= {wanted}x).",
+                "",
+            ]
+        if single and every:
+            lines += [
+                f"{method} all classes / single target time: {every['median_s'] / single['median_s']:.2f}x (target <= 1.5x).",
+                "",
+            ]
+    return lines
+
+
+def _device_resident_lines(in_group: list[dict]) -> list[str]:
+    every = next((r for r in in_group if "all classes" in r["case"]), None)
+    if not every:
+        return []
+    seconds = every["median_s"]
+    met = "yes" if seconds < 1.0 else "**no**"
+    return [
+        f"All ten classes' GradCAM at layer4 for {every['images']} images ({every.get('source', '')}): "
+        f"{seconds:.3f} s (median of 3). Target on a GPU, whole 10,000-image split: < 1 s — "
+        f"{met if every['device'] == 'cuda' and every['images'] >= 10000 else 'n/a here'}.",
+        "",
+    ]

@@ -104,9 +104,14 @@ def _stage_grids(model: nn.Module, layer_name: str, images_hw: tuple[int, int]) 
     return []
 
 
+_OVERRIDE = "pass layout=Layout(kind='tokens', prefix=P, grid=(h, w)) (or kind='nchw'/'nhwc') to the explainer"
+
+
 def infer_layout(output_shape: tuple[int, ...], images_hw: tuple[int, int], model: nn.Module, layer_name: str) -> Layout:
-    """The layout of a layer output of ``output_shape`` for inputs of ``images_hw``."""
-    override = "pass layout=Layout(kind='tokens', prefix=P, grid=(h, w)) (or kind='nchw'/'nhwc') to the explainer"
+    """The layout of a layer output of ``output_shape`` for inputs of ``images_hw``: 4-D outputs
+    are channels-first or channels-last; token sequences are read from what the model declares
+    (the stage's reduction in timm's ``feature_info``, then prefix count and patch grid), else
+    inferred from the input's aspect ratio."""
     if len(output_shape) == 4:
         _, a, b, c = output_shape
         if b == c or a != b:  # (N, C, h, w) unless only the middle two match, as in (N, h, w, C)
@@ -122,18 +127,29 @@ def infer_layout(output_shape: tuple[int, ...], images_hw: tuple[int, int], mode
         if 0 <= extra <= MAX_PREFIX_TOKENS:
             return Layout("tokens", extra, stage_grid)
     prefix, grid = _declared_tokens(model, images_hw)
-    if grid is not None and tokens == grid[0] * grid[1]:  # patches only: before the prefix tokens are added
+    if grid is not None:
+        return _declared_grid_layout(tokens, prefix, grid, layer_name)
+    return _inferred_layout(tokens, prefix, images_hw, layer_name)
+
+
+def _declared_grid_layout(tokens: int, prefix: int | None, grid: tuple[int, int], layer_name: str) -> Layout:
+    """Tokens over a patch grid the model declares: patches only (before the prefix tokens are
+    added), or the declared (or implied) prefix count before them."""
+    patches = grid[0] * grid[1]
+    if tokens == patches:
         return Layout("tokens", 0, grid)
-    if grid is not None and prefix is None:
-        prefix = tokens - grid[0] * grid[1]
-    if grid is not None and prefix is not None:
-        if prefix < 0 or prefix + grid[0] * grid[1] != tokens:
-            raise LayerNotFoundError(
-                f"layer {layer_name!r} has {tokens} tokens, not {prefix} prefix + {grid[0]}x{grid[1]} patches as the model "
-                f"declares; {override}"
-            )
-        return Layout("tokens", prefix, grid)
-    # Nothing declared: the patch grid has the input's aspect ratio; try each prefix count.
+    prefix = tokens - patches if prefix is None else prefix
+    if prefix < 0 or prefix + patches != tokens:
+        raise LayerNotFoundError(
+            f"layer {layer_name!r} has {tokens} tokens, not {prefix} prefix + {grid[0]}x{grid[1]} patches as the model "
+            f"declares; {_OVERRIDE}"
+        )
+    return Layout("tokens", prefix, grid)
+
+
+def _inferred_layout(tokens: int, prefix: int | None, images_hw: tuple[int, int], layer_name: str) -> Layout:
+    """Nothing declared: the patch grid has the input's aspect ratio; try each prefix count and
+    accept exactly one fit (else :class:`LayerNotFoundError` naming the candidates)."""
     height, width = images_hw
     fits = []
     for count in range(0, min(MAX_PREFIX_TOKENS, tokens - 1) + 1):
@@ -147,6 +163,6 @@ def infer_layout(output_shape: tuple[int, ...], images_hw: tuple[int, int], mode
     if len(fits) != 1:
         found = ", ".join(f.describe() for f in fits) or "none"
         raise LayerNotFoundError(
-            f"layer {layer_name!r} outputs {tokens} tokens and the model declares no patch grid; candidates: {found}; {override}"
+            f"layer {layer_name!r} outputs {tokens} tokens and the model declares no patch grid; candidates: {found}; {_OVERRIDE}"
         )
     return fits[0]

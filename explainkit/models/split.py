@@ -50,22 +50,39 @@ def split_at_layer(model: nn.Module, layer_name: str) -> tuple[fx.GraphModule, f
     if len(calls) != 1:
         raise SplitError(f"layer {layer_name!r} is called {len(calls)} times in the traced forward, not once")
     layer_node = calls[0]
+    depends, above_nodes = _above(graph, layer_node)
+    output = next(node for node in graph.nodes if node.op == "output")
+    if output not in depends:
+        raise SplitError(f"the model's output does not depend on layer {layer_name!r}")
+    sides = _side_values(above_nodes, depends)
+    return (
+        fx.GraphModule(model, _below_graph(graph, layer_node, depends, sides)),
+        fx.GraphModule(model, _above_graph(layer_node, above_nodes, sides)),
+    )
 
-    above_nodes: list[fx.Node] = []  # everything that depends on the layer's output, in graph order
+
+def _above(graph: fx.Graph, layer_node: fx.Node) -> tuple[set[fx.Node], list[fx.Node]]:
+    """The nodes that depend on the layer's output (with it), and those after it in graph order."""
+    above_nodes: list[fx.Node] = []
     depends = {layer_node}
     for node in graph.nodes:
         if node is not layer_node and any(source in depends for source in node.all_input_nodes):
             depends.add(node)
             above_nodes.append(node)
-    output = next(node for node in graph.nodes if node.op == "output")
-    if output not in depends:
-        raise SplitError(f"the model's output does not depend on layer {layer_name!r}")
+    return depends, above_nodes
+
+
+def _side_values(above_nodes: list[fx.Node], depends: set[fx.Node]) -> list[fx.Node]:
+    """What the part above reads from below besides the layer's output (a block's residual), in order."""
     sides: list[fx.Node] = []
     for node in above_nodes:
         for source in node.all_input_nodes:
             if source not in depends and source not in sides and source.op != "get_attr":
                 sides.append(source)
+    return sides
 
+
+def _above_graph(layer_node: fx.Node, above_nodes: list[fx.Node], sides: list[fx.Node]) -> fx.Graph:
     above_graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {layer_node: above_graph.placeholder("layer_output")}
     for index, side in enumerate(sides):
@@ -75,7 +92,10 @@ def split_at_layer(model: nn.Module, layer_name: str) -> tuple[fx.GraphModule, f
             if source.op == "get_attr" and source not in env:  # parameters/buffers read above the layer
                 env[source] = above_graph.node_copy(source, lambda n: env[n])
         env[node] = above_graph.node_copy(node, lambda n: env[n])
+    return above_graph
 
+
+def _below_graph(graph: fx.Graph, layer_node: fx.Node, depends: set[fx.Node], sides: list[fx.Node]) -> fx.Graph:
     below_graph = fx.Graph()
     below_env: dict[fx.Node, fx.Node] = {}
     for node in graph.nodes:
@@ -83,4 +103,4 @@ def split_at_layer(model: nn.Module, layer_name: str) -> tuple[fx.GraphModule, f
             continue
         below_env[node] = below_graph.node_copy(node, lambda n: below_env[n])
     below_graph.output(tuple(below_env[node] for node in (layer_node, *sides)))
-    return fx.GraphModule(model, below_graph), fx.GraphModule(model, above_graph)
+    return below_graph
