@@ -35,3 +35,10 @@ class DataError(ExplainkitError):
 
 class ImageReadError(ExplainkitError):
     """An image file could not be read."""
+
+
+def first_line(error: BaseException) -> str:
+    """The first non-empty line of an exception's message, else its type's name: what a one-line
+    error shows of a library's long message."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

@@ -26,7 +26,7 @@ from explainkit.jobs.provenance import provenance
 from explainkit.models.card import ModelCard
 from explainkit.models.store import load_model, model_card, newest_model, require_model_path, resnet18_cifar
 from explainkit.registry import accepts_option, get_explainer, parse_methods, require_explainer
-from explainkit.runtime.device import select_device
+from explainkit.runtime.device import device_layout, select_device
 from explainkit.runtime.distributed import DistContext, init_distributed
 from explainkit.runtime.images import read_image
 from explainkit.runtime.io import ensure_writable_dir
@@ -75,8 +75,7 @@ def run(args: argparse.Namespace) -> int:
     checkpoint = _checkpoint(args, methods, device)
     model = load_spec_model(args, device) if checkpoint is None else load_model(checkpoint, map_location=device)
     card = model_card(model)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    model = device_layout(model, device)
     gradient_options = {"autocast": torch.bfloat16} if args.bf16 else {}  # model in bf16, CAM maths in float32
     explainers = {name: get_explainer(name, model, layer=args.layer, **gradient_options) for name in methods}
     options = ExplainOptions(

@@ -34,6 +34,7 @@ from explainkit.explainers.base import (
 from explainkit.jobs.maps_store import STORE_NAME, MapsStore
 from explainkit.models.card import ModelCard
 from explainkit.models.outputs import logits_of
+from explainkit.runtime.device import device_layout
 from explainkit.runtime.distributed import DistContext
 from explainkit.runtime.io import write_json
 
@@ -228,9 +229,7 @@ def scan(
             loader, desc="explain" if explainers else "scan", unit="batch", delay=2, leave=False, disable=not ctx.is_main
         )
         for batch_number, (images, batch_labels) in enumerate(progress):
-            images = images.to(device, non_blocking=True)
-            if device.type == "cuda":
-                images = images.contiguous(memory_format=torch.channels_last)
+            images = device_layout(images.to(device, non_blocking=True), device)
             logits, batch_maps = _forward(model, explainers, images)
             probabilities = logits.float().softmax(dim=1)
             top, predicted = probabilities.max(dim=1)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from explainkit.errors import LayerNotFoundError
+from explainkit.errors import LayerNotFoundError, first_line
 from explainkit.models.layouts import infer_layout
 from explainkit.models.modes import evaluation_mode
 
@@ -145,7 +145,7 @@ def trace_layers(model: nn.Module, input_size: tuple[int, int, int] | None = Non
             model(torch.zeros(1, *size, device=device, dtype=dtype))
     except Exception as exc:  # noqa: BLE001 - any model's failure becomes the trace's error
         outputs.clear()
-        error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+        error = f"{type(exc).__name__}: {first_line(exc)}"
     finally:
         for handle in handles:
             handle.remove()

@@ -33,8 +33,9 @@ from typing import Any, Iterator, Sequence
 import torch
 import torch.nn as nn
 
-from explainkit.errors import CheckpointError, ExplainkitError
+from explainkit.errors import CheckpointError, ExplainkitError, first_line
 from explainkit.models.card import IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS, ModelCard
+from explainkit.models.store import state_mismatch
 
 KINDS = ("torchvision", "timm", "hf")
 DEFAULT_WEIGHTS = "DEFAULT"
@@ -90,15 +91,9 @@ def _download_timeout() -> Iterator[None]:
         socket.setdefaulttimeout(previous)
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
-
-
 def _offline_error(spec: ModelSpec, error: BaseException) -> CheckpointError:
     return CheckpointError(
-        f"cannot fetch the pretrained weights of {spec} (no network? {_first_line(error)}); "
-        "pass weights=PATH (a local state_dict)"
+        f"cannot fetch the pretrained weights of {spec} (no network? {first_line(error)}); pass weights=PATH (a local state_dict)"
     )
 
 
@@ -110,7 +105,7 @@ def read_classes(source: str | Path | Sequence[str]) -> list[str]:
     try:
         text = path.read_text()
     except (OSError, UnicodeDecodeError) as error:
-        raise ExplainkitError(f"classes={path}: cannot read it: {_first_line(error)}") from None
+        raise ExplainkitError(f"classes={path}: cannot read it: {first_line(error)}") from None
     if text.lstrip().startswith("["):
         try:
             names = json.loads(text)
@@ -140,11 +135,7 @@ def _load_state(model: nn.Module, state: dict[str, torch.Tensor], spec: ModelSpe
     try:
         model.load_state_dict(state)
     except RuntimeError as error:
-        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-        detail = lines[1] if len(lines) > 1 else _first_line(error)
-        if len(detail) > 240:
-            detail = detail[:240].rsplit(",", 1)[0] + ", ..."
-        raise CheckpointError(f"weights {path} do not fit {spec}: {detail}") from None
+        raise CheckpointError(f"weights {path} do not fit {spec}: {state_mismatch(error)}") from None
 
 
 # --- torchvision --------------------------------------------------------------------------------
@@ -247,7 +238,7 @@ def _hf(spec: ModelSpec, weights: str | None) -> tuple[nn.Module, list[str] | No
     try:
         model = AutoModelForImageClassification.from_pretrained(str(directory), local_files_only=True)
     except Exception as error:
-        raise CheckpointError(f"cannot load the Hugging Face model in {directory}: {_first_line(error)}") from None
+        raise CheckpointError(f"cannot load the Hugging Face model in {directory}: {first_line(error)}") from None
     if weights is not None:
         _load_state(model, _read_weights(weights), spec, weights)
     id2label = getattr(model.config, "id2label", None) or {}
@@ -258,7 +249,7 @@ def _hf(spec: ModelSpec, weights: str | None) -> tuple[nn.Module, list[str] | No
             processor = AutoImageProcessor.from_pretrained(str(directory), local_files_only=True)
             preprocessing = _hf_preprocessing(processor)
         except Exception as error:  # an unusual processor: say so, use the defaults
-            warnings.warn(f"cannot read the image processor in {directory} ({_first_line(error)})", RuntimeWarning, stacklevel=3)
+            warnings.warn(f"cannot read the image processor in {directory} ({first_line(error)})", RuntimeWarning, stacklevel=3)
     size = getattr(model.config, "image_size", None)
     if preprocessing is None and isinstance(size, int):  # no processor saved: at least the size the model was built for
         preprocessing = Preprocessing((size, size), IMAGENET_MEAN, IMAGENET_STD)
@@ -294,7 +285,7 @@ def _callable(spec: ModelSpec, weights: str | None) -> tuple[nn.Module, list[str
     try:
         module = importlib.import_module(module_name)
     except Exception as error:  # ImportError, or the module itself failing to import
-        raise ModelSpecError(f"spec={spec}: cannot import {module_name!r}: {_first_line(error)}") from None
+        raise ModelSpecError(f"spec={spec}: cannot import {module_name!r}: {first_line(error)}") from None
     factory = getattr(module, attribute, None)
     if not callable(factory):
         raise ModelSpecError(f"spec={spec}: {module_name} has no callable {attribute!r}")
@@ -305,7 +296,7 @@ def _callable(spec: ModelSpec, weights: str | None) -> tuple[nn.Module, list[str
     try:
         model = factory()
     except Exception as error:
-        raise ModelSpecError(f"spec={spec}: calling {attribute}() failed: {_first_line(error)}") from None
+        raise ModelSpecError(f"spec={spec}: calling {attribute}() failed: {first_line(error)}") from None
     if not isinstance(model, nn.Module):
         raise ModelSpecError(f"spec={spec}: {attribute}() returned {type(model).__name__}, not a torch.nn.Module")
     if weights is not None:

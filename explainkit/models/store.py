@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torchvision
 
-from explainkit.errors import CheckpointError, ExplainkitError
+from explainkit.errors import CheckpointError, ExplainkitError, first_line
 from explainkit.models.card import ModelCard
 from explainkit.runtime.io import atomic_path, write_json
 
@@ -48,6 +48,14 @@ def card_path(weights_path: str | Path) -> Path:
     return Path(weights_path).with_suffix(".json")
 
 
+def state_mismatch(error: RuntimeError, limit: int = 240) -> str:
+    """What a failed ``load_state_dict`` says is wrong (its first detail line: missing or unexpected
+    keys, or a size mismatch), shortened to ``limit`` characters."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    detail = lines[1] if len(lines) > 1 else first_line(error)
+    return detail if len(detail) <= limit else detail[:limit].rsplit(",", 1)[0] + ", ..."
+
+
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
         if path.suffix == ".safetensors":
@@ -60,8 +68,7 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     except IsADirectoryError:
         raise CheckpointError(f"checkpoint path is a directory: {path}") from None
     except Exception as exc:  # torch raises many types for a corrupt or unsafe file
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"cannot read checkpoint {path} (corrupt, or not a weights file): {reason}") from None
+        raise CheckpointError(f"cannot read checkpoint {path} (corrupt, or not a weights file): {first_line(exc)}") from None
     if isinstance(state, dict) and isinstance(state.get("model"), dict):  # a training checkpoint
         state = state["model"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -101,10 +108,9 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> nn
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
-        first = [line.strip() for line in str(exc).splitlines() if line.strip()][1:2]
-        detail = f": {first[0]}" if first else ""
         raise CheckpointError(
-            f"checkpoint {path} does not fit architecture {card.architecture!r} with {card.num_classes} classes{detail}"
+            f"checkpoint {path} does not fit architecture {card.architecture!r} with {card.num_classes} classes: "
+            f"{state_mismatch(exc)}"
         ) from None
     model.card = card  # type: ignore[assignment]  # read it back with model_card(model)
     return model.to(map_location).eval()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 import torch
 
 from explainkit.errors import ExplainkitError
@@ -24,3 +26,16 @@ def select_device(name: str = "auto") -> torch.device:
     if name not in DEVICE_CHOICES:
         raise ExplainkitError(f"unknown device {name!r}; choose from {', '.join(DEVICE_CHOICES)}")
     return torch.device(name)
+
+
+Movable = TypeVar("Movable", torch.Tensor, torch.nn.Module)
+
+
+def device_layout(tensor_or_model: Movable, device: torch.device) -> Movable:
+    """``channels_last`` on CUDA (convolutions run faster in it), unchanged elsewhere; for a batch
+    of images or a model alike."""
+    if device.type != "cuda":
+        return tensor_or_model
+    if isinstance(tensor_or_model, torch.Tensor):
+        return tensor_or_model.contiguous(memory_format=torch.channels_last)
+    return tensor_or_model.to(memory_format=torch.channels_last)

@@ -35,6 +35,7 @@ from explainkit.data.datasets import check_image_folder, data_dir_from_env, data
 from explainkit.errors import DataError, ExplainkitError
 from explainkit.models.card import ModelCard
 from explainkit.models.store import resnet18_cifar, save_model
+from explainkit.runtime.device import device_layout
 from explainkit.runtime.distributed import DistContext, init_distributed
 from explainkit.runtime.io import atomic_path, ensure_writable_dir
 from explainkit.training import figures as report_figures
@@ -386,9 +387,7 @@ def evaluate(
     loss = torch.zeros((), dtype=torch.float64, device=device)
     with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
         for images, labels in loader:
-            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            if device.type == "cuda":
-                images = images.contiguous(memory_format=torch.channels_last)
+            images, labels = device_layout(images.to(device, non_blocking=True), device), labels.to(device, non_blocking=True)
             logits = model(images).float()
             loss += F.cross_entropy(logits, labels, reduction="sum")
             confusion += torch.bincount(labels * num_classes + logits.argmax(1), minlength=num_classes**2)
@@ -408,9 +407,7 @@ def train_one_epoch(learner: Learner, data: TrainData, run: Run, desc: str) -> E
     total = data.steps
     bar = tqdm(data.train, total=total, desc=desc, disable=not (ctx.is_main and run.config.progress), dynamic_ncols=True)
     for batch_id, (images, labels) in enumerate(bar):
-        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        if device.type == "cuda":
-            images = images.contiguous(memory_format=torch.channels_last)
+        images, labels = device_layout(images.to(device, non_blocking=True), device), labels.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=run.amp):
             logits = net(images)
             loss = learner.criterion(logits.float(), labels)
@@ -472,9 +469,8 @@ def build_model(num_classes: int, run: Run) -> nn.Module:
     torch.manual_seed(seed)
     random.seed(seed)
     np.random.seed(seed)
-    model = resnet18_cifar(num_classes).to(run.device)
+    model = device_layout(resnet18_cifar(num_classes).to(run.device), run.device)
     if run.device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
         torch.backends.cudnn.benchmark = True
     return model
 
