@@ -6,6 +6,7 @@ and maps in [0, 1]. Every figure is saved atomically.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -84,30 +85,35 @@ def per_class_grid(
     return fig
 
 
-def misclassified_grid(
-    images: torch.Tensor,
-    predicted_maps: torch.Tensor,
-    true_maps: torch.Tensor,
-    predicted: Sequence[int],
-    truth: Sequence[int],
-    predicted_probability: Sequence[float],
-    classes: Sequence[str],
-    total_wrong: int,
-    scanned: int,
-    title: str = "",
-) -> Figure:
-    """Rows of image | CAM for the predicted class | CAM for the true class."""
-    n = len(images)
+@dataclass(frozen=True)
+class Misclassified:
+    """Misclassified images to draw, row by row: the ``images`` (``(N, 3, H, W)`` in [0, 1]), each
+    one's ``(N, H, W)`` map for the class it was ``predicted`` as and for its ``truth``, and the
+    ``probability`` of that prediction."""
+
+    images: torch.Tensor
+    predicted_maps: torch.Tensor
+    true_maps: torch.Tensor
+    predicted: Sequence[int]
+    truth: Sequence[int]
+    probability: Sequence[float]
+
+
+def misclassified_grid(wrong: Misclassified, classes: Sequence[str], total_wrong: int, scanned: int, title: str = "") -> Figure:
+    """Rows of image | CAM for the predicted class | CAM for the true class, under ``title`` and the
+    share of misclassified images: ``total_wrong`` of ``scanned`` (the rows may be a sample of them)."""
+    n = len(wrong.images)
     rows = max(n, 1)
     fig = Figure(figsize=(CELL * 3.2, CELL * rows + 0.8))
     axes = fig.subplots(rows, 3, squeeze=False)
     for row in range(n):
-        pred, true = classes[predicted[row]], classes[truth[row]]
-        axes[row, 0].imshow(_hwc(images[row]))
-        axes[row, 0].set_title(f"pred {pred} ({predicted_probability[row]:.2f}) / true {true}", fontsize=7)
-        axes[row, 1].imshow(overlay(images[row], predicted_maps[row]))
+        pred, true = classes[wrong.predicted[row]], classes[wrong.truth[row]]
+        image = wrong.images[row]
+        axes[row, 0].imshow(_hwc(image))
+        axes[row, 0].set_title(f"pred {pred} ({wrong.probability[row]:.2f}) / true {true}", fontsize=7)
+        axes[row, 1].imshow(overlay(image, wrong.predicted_maps[row]))
         axes[row, 1].set_title(f"CAM: {pred}", fontsize=7)
-        axes[row, 2].imshow(overlay(images[row], true_maps[row]))
+        axes[row, 2].imshow(overlay(image, wrong.true_maps[row]))
         axes[row, 2].set_title(f"CAM: {true}", fontsize=7)
     if n == 0:
         axes[0, 1].text(0.5, 0.5, "no misclassified images", ha="center", va="center")

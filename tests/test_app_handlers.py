@@ -13,7 +13,8 @@ from PIL import Image
 import explainkit
 from explainkit import figures
 from explainkit.app import handlers
-from explainkit.app.workbench import Workbench
+from explainkit.app.handlers import CompareRequest
+from explainkit.app.workbench import Target, ViewOptions, Workbench
 from explainkit.data.datasets import load_split
 from explainkit.errors import ExplainkitError
 
@@ -144,23 +145,26 @@ def test_gallery_filters_pick_and_upload(bench, photo, tmp_path):
 
 def test_compare_per_class_and_faithfulness(bench):
     progress = []
+    request = CompareRequest(["test/0", "test/1"], ["gradcam", "layercam"], "layer4", Target("top-k", 2))
     result = handlers.compare(
-        bench, ["test/0", "test/1"], ["gradcam", "layercam"], "layer4", "top-k", 2.0, None, 0.5, "viridis",
-        lambda fraction, desc: progress.append((fraction, desc)),
-    )  # fmt: skip
+        bench, request, ViewOptions(0.5, "viridis"), lambda fraction, desc: progress.append((fraction, desc))
+    )
     assert not result.message and result.columns == 5  # the image, then 2 methods x 2 classes
     assert len(result.panes) == 10 and result.panes[1][1].startswith("gradcam @ layer4: ")
     assert progress == [(0.0, "gradcam on 2 images"), (0.5, "layercam on 2 images")]
     assert list(result.top) == list(handlers.top_classes(bench, bench.items["test/0"]))
-    assert handlers.compare(bench, [], ["gradcam"], "layer4", "predicted", 1, None, 0.5, "inferno").message.startswith("Select")
-    assert handlers.compare(bench, ["test/0"], [], "layer4", "predicted", 1, None, 0.5, "inferno").message.startswith("Choose")
+    view = ViewOptions()
+    assert handlers.compare(bench, CompareRequest([], ["gradcam"], "layer4"), view).message.startswith("Select")
+    assert handlers.compare(bench, CompareRequest(["test/0"], [], "layer4"), view).message.startswith("Choose")
+    assert "unknown layer" in handlers.compare(bench, CompareRequest(["test/0"], ["gradcam"], "nope"), view).message
     assert (
-        "unknown layer" in handlers.compare(bench, ["test/0"], ["gradcam"], "nope", "predicted", 1, None, 0.5, "inferno").message
+        "unknown class 'wolf'"
+        in handlers.compare(bench, CompareRequest(["test/0"], ["gradcam"], "", Target("class", class_name="wolf")), view).message
     )
 
-    panes, note = handlers.per_class(bench, ["test/0", "test/5"], ["gradcam"], "", 0.5, "inferno")
+    panes, note = handlers.per_class(bench, ["test/0", "test/5"], ["gradcam"], "", view)
     assert len(panes) == 10 and note.startswith("test/5: every class's map")
-    assert handlers.per_class(bench, [], None, "", 0.5, "inferno") == ([], "Select an image first.")
+    assert handlers.per_class(bench, [], None, "", view) == ([], "Select an image first.")
 
     figure, note = handlers.faithfulness(bench, ["test/2"], None, "")
     assert figure is not None and "deletion AUC" in note and "gradcam" in note

@@ -10,6 +10,7 @@ import torch
 import explainkit
 from explainkit.cli import main
 from explainkit.data.datasets import load_split
+from explainkit.errors import ExplainkitError
 from explainkit.evaluation import run
 
 
@@ -26,9 +27,7 @@ def faithfulness(trained_model, cifar_dir):
         factories,
         images,
         "layer4",
-        steps=8,
-        skip=frozenset({"road", "sanity"}),
-        baselines=("random",),
+        run.FaithfulnessOptions(steps=8, skip=frozenset({"road", "sanity"}), baselines=("random",)),
     )
 
 
@@ -139,9 +138,22 @@ def test_baselines_never_shadow_a_method_of_the_same_name(random_model):
         {"random": constant},
         images,
         "layer4",
-        steps=4,
-        skip=frozenset({"road", "sanity", "confidence"}),
-        baselines=("random",),
+        run.FaithfulnessOptions(steps=4, skip=frozenset({"road", "sanity", "confidence"}), baselines=("random",)),
     )
     assert set(results) == {"random", "baseline:random"}
     assert results["random"] != results["baseline:random"]
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (
+            {"skip": frozenset({"everything"})},
+            "skip=everything: not a part to skip; choose from deletion, confidence, road, sanity",
+        ),
+        ({"baselines": ("random", "zeros")}, "baselines=zeros: not a baseline; choose from random, random-pixel, center"),
+    ],
+)
+def test_faithfulness_options_name_what_is_wrong_by_parameter(options, message):
+    with pytest.raises(ExplainkitError, match=message):
+        run.FaithfulnessOptions(**options)

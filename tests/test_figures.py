@@ -26,11 +26,15 @@ def test_grids_write_pngs(tmp_path):
     paths = [
         figures.save_figure(figures.per_class_grid(images, maps, probs, CLASSES), tmp_path / "a.png"),
         figures.save_figure(
-            figures.misclassified_grid(images, maps[:, 0], maps[:, 1], [0, 1], [2, 3], [0.9, 0.5], CLASSES, 7, 100),
+            figures.misclassified_grid(
+                figures.Misclassified(images, maps[:, 0], maps[:, 1], [0, 1], [2, 3], [0.9, 0.5]), CLASSES, 7, 100
+            ),
             tmp_path / "b.png",
         ),
         figures.save_figure(
-            figures.misclassified_grid(torch.empty(0), torch.empty(0), torch.empty(0), [], [], [], CLASSES, 0, 10),
+            figures.misclassified_grid(
+                figures.Misclassified(torch.empty(0), torch.empty(0), torch.empty(0), [], [], []), CLASSES, 0, 10
+            ),
             tmp_path / "c.png",
         ),
         figures.save_figure(figures.methods_grid(images, {"m1": maps[:, 0], "m2": maps[:, 1]}, ["x", "y"]), tmp_path / "d.png"),

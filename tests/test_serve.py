@@ -110,13 +110,19 @@ def test_app_compares_methods_reblends_and_survives_a_corrupt_upload(browser, se
 
 def test_report_opens_from_disk_with_no_network_request(browser, random_model, tiny_folder, tmp_path):
     import explainkit
-    from explainkit.jobs.explain import explain_dataset
+    from explainkit.jobs.explain import ExplainOptions, explain_dataset
     from explainkit.models.card import ModelCard
 
     explainers = {name: explainkit.get_explainer(name, random_model) for name in ("gradcam", "layercam")}
     dataset = load_split("test", ModelCard(), tiny_folder)
     explain_dataset(
-        random_model, ModelCard(), explainers, dataset, tmp_path, torch.device("cpu"), samples=2, misclassified=3, batch_size=8
+        random_model,
+        ModelCard(),
+        explainers,
+        dataset,
+        tmp_path,
+        torch.device("cpu"),
+        ExplainOptions(samples=2, misclassified=3, batch_size=8),
     )
     page = browser.new_page(viewport={"width": 1280, "height": 900})
     requests, errors = _watch(page)
@@ -148,6 +154,16 @@ def test_serve_without_gradio_says_how_to_install(monkeypatch, capsys, random_ch
     monkeypatch.setattr(builtins, "__import__", no_gradio)
     assert main(["serve", "--checkpoint", str(random_checkpoint)]) == 2
     assert "pip install 'explainkit[ui]'" in capsys.readouterr().err
+
+
+def test_a_taken_port_is_a_clear_error_naming_the_parameters(served):
+    from explainkit.app.ui import launch
+    from explainkit.errors import ExplainkitError
+
+    url, bench = served
+    port = urlparse(url).port
+    with pytest.raises(ExplainkitError, match=rf"^cannot serve on host=127.0.0.1 port={port}: .*\(try another port\)$"):
+        launch(bench, "127.0.0.1", port, block=False)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from explainkit import figures
-from explainkit.app.workbench import Workbench
+from explainkit.app.workbench import Target, ViewOptions, Workbench
 from explainkit.data.datasets import load_split
 
 
@@ -76,7 +76,7 @@ def test_blend_is_the_figures_overlay_as_uint8(random_model, tiny_folder):
     heat = torch.rand(32, 32)
     for opacity, colormap in ((0.5, "inferno"), (0.8, "viridis")):
         expected = figures.overlay(bench.card.denormalize(item.input[None])[0], heat, opacity, colormap)
-        picture = bench.blend(item, heat, opacity, colormap)
+        picture = bench.blend(item, heat, ViewOptions(opacity, colormap))
         assert picture.dtype == np.uint8 and picture.shape == (32, 32, 3)
         assert np.abs(picture / 255 - expected).max() <= 1 / 255
 
@@ -87,10 +87,49 @@ def test_class_index_targets(random_model, tiny_folder):
     bench = Workbench(random_model, torch.device("cpu"))
     bench.add_dataset(load_split("test", bench.card, tiny_folder), limit=1)
     (item,) = bench.items.values()
-    assert bench.class_index(item, "predicted") == [item.predicted]
-    assert bench.class_index(item, "true") == [item.label]
-    assert bench.class_index(item, "all") == list(range(10))
-    assert bench.class_index(item, "top-k", 3) == item.probabilities.topk(3).indices.tolist()
-    assert bench.class_index(item, "class", class_name="dog") == [bench.card.classes.index("dog")]
+    assert bench.class_index(item, Target()) == [item.predicted]
+    assert bench.class_index(item, Target("true")) == [item.label]
+    assert bench.class_index(item, Target("all")) == list(range(10))
+    assert bench.class_index(item, Target("top-k", 3)) == item.probabilities.topk(3).indices.tolist()
+    assert bench.class_index(item, Target("class", class_name="dog")) == [bench.card.classes.index("dog")]
     with pytest.raises(ExplainkitError, match="unknown class 'wolf'"):
-        bench.class_index(item, "class", class_name="wolf")
+        bench.class_index(item, Target("class", class_name="wolf"))
+    with pytest.raises(ExplainkitError, match="unknown target kind 'top3'"):
+        Target("top3")
+
+
+def test_view_options_refuse_what_cannot_be_drawn():
+    from explainkit.errors import ExplainkitError
+
+    assert ViewOptions() == ViewOptions(0.5, "inferno")
+    with pytest.raises(ExplainkitError, match="opacity 1.5: give a number from 0 to 1"):
+        ViewOptions(1.5)
+    with pytest.raises(ExplainkitError, match="unknown colour map 'rainbow': choose from inferno, "):
+        ViewOptions(colormap="rainbow")
+
+
+def test_a_plain_function_plugin_gives_maps_for_several_classes_per_image(fresh_plugins, random_model, tiny_folder):
+    """The registry wraps a plain-function plugin into an Explainer: the workbench asks it for ``(N, J)`` classes too."""
+    import explainkit
+
+    seen = []
+
+    def plain(images, targets=None, normalize=True):  # one class per image, a map that names it: hot at column `class`
+        seen.append(targets.tolist())
+        maps = torch.zeros(len(images), *images.shape[-2:])
+        maps[torch.arange(len(images)), 0, targets] = 1
+        return maps
+
+    class Plain:
+        @explainkit.hookimpl
+        def register_explainers(self, register):
+            register("plain", lambda model, layer=None: plain)
+
+    fresh_plugins.register(Plain(), name="plain-plugin")
+    bench = Workbench(random_model, torch.device("cpu"))
+    bench.add_dataset(load_split("test", bench.card, tiny_folder), limit=2)
+    items = list(bench.items.values())
+    maps = bench.maps(items, "plain", None, [[3, 5], [7, 1]])
+    assert maps.shape == (2, 2, 32, 32)
+    assert maps[:, :, 0].argmax(-1).tolist() == [[3, 5], [7, 1]]
+    assert seen  # the plugin's own function made them

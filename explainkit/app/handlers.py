@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
-from explainkit.app.workbench import COLORMAPS, Item, Workbench
+from explainkit.app.workbench import COLORMAPS, Item, Target, ViewOptions, Workbench
 from explainkit.errors import ExplainkitError
 from explainkit.registry import require_explainer
 
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 GALLERY_SIZE = 60
 MAX_SELECTED = 8
 ANY = "(any)"
-TARGETS = ("predicted", "true", "top-k", "class")
+TARGETS = ("predicted", "true", "top-k", "class")  # the page's choices (the API's are parse_target's)
 TOP = 5  # classes in a probabilities summary
 MAX_API_IMAGES = 32
 MAX_API_OVERLAYS = 256
@@ -96,6 +96,17 @@ def upload(bench: Workbench, files: Sequence[Any] | None, selected: Sequence[str
     return chosen, selected_text(chosen), "\n\n".join(messages)
 
 
+@dataclass(frozen=True)
+class CompareRequest:
+    """What the compare grid shows: the ``selected`` pool keys (rows), the ``methods`` (columns),
+    the ``layer`` to explain at (``""`` or None: each method's default) and the ``target`` classes."""
+
+    selected: Sequence[str]
+    methods: Sequence[str]
+    layer: str | None = None
+    target: Target = Target()
+
+
 @dataclass
 class Comparison:
     """The compare grid: ``panes`` row by row (the image, then its maps), ``columns`` per row, the
@@ -108,45 +119,36 @@ class Comparison:
 
 
 def compare(
-    bench: Workbench,
-    selected: Sequence[str],
-    methods: Sequence[str],
-    layer: str | None,
-    target: str,
-    k: float,
-    class_name: str | None,
-    opacity: float,
-    colormap: str,
-    progress: Callable[..., Any] | None = None,
+    bench: Workbench, request: CompareRequest, view: ViewOptions, progress: Callable[..., Any] | None = None
 ) -> Comparison:
-    """Every selected image under every method, for ``target`` (one of ``TARGETS``), blended with one
-    colour scale. ``progress(fraction, desc=...)`` is told before each method."""
-    if not selected:
+    """Every selected image under every method, for the request's target classes, blended as ``view``
+    says with one colour scale. ``progress(fraction, desc=...)`` is told before each method."""
+    if not request.selected:
         return Comparison(message="Select or upload at least one image first.")
-    if not methods:
+    if not request.methods:
         return Comparison(message="Choose at least one method.")
     classes = bench.card.classes
-    items = [bench.items[key] for key in selected]
+    items = [bench.items[key] for key in request.selected]
     try:
-        wanted = [bench.class_index(item, target, int(k), class_name) for item in items]
+        wanted = [bench.class_index(item, request.target) for item in items]
         maps = {}
-        for count, method in enumerate(methods):  # every selected image in one call per method
+        for count, method in enumerate(request.methods):  # every selected image in one call per method
             if progress is not None:
-                progress(count / len(methods), desc=f"{method} on {len(items)} images")
-            maps[method] = bench.maps(items, method, layer or None, wanted)  # (N, J, H, W)
+                progress(count / len(request.methods), desc=f"{method} on {len(items)} images")
+            maps[method] = bench.maps(items, method, request.layer or None, wanted)  # (N, J, H, W)
     except ExplainkitError as error:  # e.g. a layer that is not a feature map: say so in the page
         return Comparison(message=f"**{error}**")
     panes = []
     for row, item in enumerate(items):
         panes.append((bench.display(item), caption(bench, item)))
-        for method in methods:
+        for method in request.methods:
             for cls, heat in zip(wanted[row], maps[method][row]):
-                panes.append((bench.blend(item, heat, opacity, colormap), f"{method} @ {layer}: {classes[cls]}"))
+                panes.append((bench.blend(item, heat, view), f"{method} @ {request.layer}: {classes[cls]}"))
     return Comparison(panes, len(panes) // len(items), top_classes(bench, items[0]))  # one row per image
 
 
 def per_class(
-    bench: Workbench, selected: Sequence[str], methods: Sequence[str] | None, layer: str | None, opacity: float, colormap: str
+    bench: Workbench, selected: Sequence[str], methods: Sequence[str] | None, layer: str | None, view: ViewOptions
 ) -> tuple[list[Pane], str]:
     """The last selected image's map for each of its 20 most probable classes (first method), from one pass."""
     if not selected:
@@ -160,8 +162,7 @@ def per_class(
         return [], f"**{error}**"
     order = item.probabilities.argsort(descending=True)[: min(len(classes), 20)]
     panes = [
-        (bench.blend(item, every[int(cls)], opacity, colormap), f"{classes[int(cls)]} ({float(item.probabilities[cls]):.2f})")
-        for cls in order
+        (bench.blend(item, every[int(cls)], view), f"{classes[int(cls)]} ({float(item.probabilities[cls]):.2f})") for cls in order
     ]
     return panes, f"{item.key}: every class's map from one pass ({method})"
 
@@ -244,12 +245,9 @@ def explain(
         raise ExplainkitError(f"no method given: choose from {', '.join(bench.methods())}")
     for method in chosen:
         require_explainer(method)  # an unknown name: the message lists the registered ones
-    if not 0 <= opacity <= 1:
-        raise ExplainkitError(f"opacity {opacity}: give a number from 0 to 1")
-    if colormap not in COLORMAPS:
-        raise ExplainkitError(f"unknown colour map {colormap!r}: choose from {', '.join(COLORMAPS)}")
-    kind, k, class_name = parse_target(bench, target)
-    per_image = {"all": bench.card.num_classes, "top-k": k}.get(kind, 1)
+    view = ViewOptions(opacity, colormap)  # checks both
+    asked = parse_target(bench, target)
+    per_image = {"all": bench.card.num_classes, "top-k": asked.k}.get(asked.kind, 1)
     if len(paths) * len(chosen) * per_image > MAX_API_OVERLAYS:
         raise ExplainkitError(
             f"{len(paths)} images x {len(chosen)} methods x {per_image} classes is more than "
@@ -257,12 +255,12 @@ def explain(
         )
     items = [bench.add_upload(path) for path in paths]  # the page's upload path: same checks, same pool
     names = [Path(path).name for path in paths]
-    wanted = [bench.class_index(item, kind, k, class_name) for item in items]
+    wanted = [bench.class_index(item, asked) for item in items]
     maps = {method: bench.maps(items, method, layer or None, wanted) for method in chosen}  # one call per method
     classes = bench.card.classes
     where = layer or "default layer"
     overlays = [
-        (bench.blend(item, heat, opacity, colormap), f"{name}: {method} @ {where}: {classes[cls]}")
+        (bench.blend(item, heat, view), f"{name}: {method} @ {where}: {classes[cls]}")
         for row, (item, name) in enumerate(zip(items, names))
         for method in chosen
         for cls, heat in zip(wanted[row], maps[method][row])
@@ -280,19 +278,19 @@ def explain(
     return overlays, probabilities
 
 
-def parse_target(bench: Workbench, target: str) -> tuple[str, int, str | None]:
-    """``target`` as :meth:`Workbench.class_index` takes it: ``(kind, k, class_name)``."""
+def parse_target(bench: Workbench, target: str) -> Target:
+    """The API's ``target`` text (see :func:`explain`) as a :class:`~explainkit.app.workbench.Target`."""
     text = (target or "predicted").strip()
     classes = bench.card.classes
     if text in ("predicted", "all"):
-        return text, 1, None
+        return Target(text)
     if text.lower().startswith("topk:"):
         count = text.split(":", 1)[1].strip()
         if not count.isdigit() or not 1 <= int(count) <= len(classes):
             raise ExplainkitError(f"target {text!r}: K in topk:K must be a whole number from 1 to {len(classes)}")
-        return "top-k", int(count), None
+        return Target("top-k", k=int(count))
     if text in classes:
-        return "class", 1, text
+        return Target("class", class_name=text)
     shown = ", ".join(classes[:20]) + (", ..." if len(classes) > 20 else "")
     raise ExplainkitError(f"unknown target {text!r}: use predicted, all, topk:K or a class name ({shown})")
 

@@ -25,11 +25,12 @@ from __future__ import annotations
 import functools
 import inspect
 import os
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from explainkit.app import handlers
-from explainkit.app.handlers import ANY, TARGETS
-from explainkit.app.workbench import COLORMAPS, MAX_UPLOAD_BYTES, Workbench
+from explainkit.app.handlers import ANY, TARGETS, CompareRequest
+from explainkit.app.workbench import COLORMAPS, MAX_UPLOAD_BYTES, Target, ViewOptions, Workbench
 from explainkit.errors import ExplainkitError
 
 PRIVATE = {"api_visibility": "private"}  # the page's own events: not on the API page, not for API clients
@@ -80,95 +81,198 @@ def _on_pick(visible: list[str], selected: list[str], event: Any) -> tuple[list[
     return handlers.pick(visible, selected, event.index)  # ``event`` is annotated gr.SelectData in build_app
 
 
+@dataclass
+class PickPanel:
+    """The page's left column: the gallery ``filters`` (:func:`~explainkit.app.handlers.filtered`'s
+    inputs, in its order), the pool's ``gallery``, ``uploads`` and their ``upload_message``, the
+    selection's ``status`` and its ``clear`` button."""
+
+    filters: list[Any]
+    gallery: Any
+    uploads: Any
+    upload_message: Any
+    status: Any
+    clear: Any
+
+
+@dataclass
+class ComparePanel:
+    """The page's right column: the controls of a comparison (methods, layer, target, k, class name,
+    opacity, colour map), its ``run`` button, and what it fills (``message``, ``grid``, ``top``)."""
+
+    methods: Any
+    layer: Any
+    target: Any
+    k: Any
+    class_name: Any
+    opacity: Any
+    colormap: Any
+    run: Any
+    message: Any
+    grid: Any
+    top: Any
+
+    def controls(self) -> set[Any]:
+        """The controls as an event's inputs: a set, so the event function gets one ``{component: value}``."""
+        return {self.methods, self.layer, self.target, self.k, self.class_name, self.opacity, self.colormap}
+
+    def request(self, values: dict[Any, Any], selected: Any) -> CompareRequest:
+        """The comparison the controls (and the ``selected`` state) ask for, from an event's ``values``."""
+        target = Target(values[self.target], int(values[self.k]), values[self.class_name])
+        return CompareRequest(values[selected], values[self.methods], values[self.layer], target)
+
+    def view(self, values: dict[Any, Any]) -> ViewOptions:
+        return ViewOptions(values[self.opacity], values[self.colormap])
+
+
+@dataclass
+class ResultTab:
+    """A tab with one more result for the last selected image: its ``button``, a ``note`` and the ``result``."""
+
+    button: Any
+    note: Any
+    result: Any
+
+
 def build_app(bench: Workbench):
     """The Gradio Blocks app (launch it with :func:`launch`): the page, and the public API
     (``/explain``, ``/methods``, ``/classes``, ``/layers``) of :mod:`explainkit.app.handlers`."""
     gr = _gradio()
     _on_pick.__annotations__["event"] = gr.SelectData  # how Gradio knows to pass the click (gradio is imported lazily)
-    card = bench.card
-    classes = list(card.classes)
-    methods = bench.methods()
-    layers = bench.layer_choices()
-    bound = functools.partial  # bound(handler, bench): the handler as an event function
-
-    def show_comparison(selected, methods, layer, target, k, class_name, opacity, colormap, progress=gr.Progress()):  # noqa: B008 - Gradio's idiom
-        result = handlers.compare(bench, selected, methods, layer, target, k, class_name, opacity, colormap, progress)
-        return gr.Gallery(value=result.panes, columns=result.columns), result.top, result.message
-
     with gr.Blocks(title="explainkit", analytics_enabled=False) as app:
         selected = gr.State([])
         visible = gr.State([])
-        gr.Markdown(
-            f"## explainkit: {card.architecture}\n{card.num_classes} classes · {card.describe_preprocessing()} · "
-            f"{len(bench.items)} images in the pool"
-        )
+        _header(gr, bench)
         with gr.Row():
             with gr.Column(scale=2):
-                gr.Markdown("### Pick images")
-                with gr.Row():
-                    true_filter = gr.Dropdown([ANY, *classes], value=ANY, label="true class")
-                    predicted_filter = gr.Dropdown([ANY, *classes], value=ANY, label="predicted class")
-                with gr.Row():
-                    correctness = gr.Radio(["all", "correct", "wrong"], value="all", label="predictions")
-                    pair_filter = gr.Dropdown(
-                        [ANY, *handlers.pair_labels(bench)], value=ANY, label="confusion pair (true -> predicted)"
-                    )
-                order = gr.Radio(["confidence", "least confident", "index"], value="confidence", label="sort by")
-                gallery = gr.Gallery(label="images (click to select)", columns=5, height=360, allow_preview=False, elem_id="pool")
-                uploads = gr.File(label="or upload images", file_count="multiple", elem_id="upload")
-                status = gr.Markdown(handlers.selected_text([]), elem_id="selected")
-                upload_message = gr.Markdown("", elem_id="upload-message")
-                clear = gr.Button("clear selection", size="sm")
+                pick = _pick_panel(gr, bench)
             with gr.Column(scale=3):
-                gr.Markdown("### Compare")
-                chosen_methods = gr.CheckboxGroup(methods, value=["gradcam"], label="methods", elem_id="methods")
-                with gr.Row():
-                    layer = gr.Dropdown(layers, value=layers[0], label="layer", allow_custom_value=True)
-                    target = gr.Radio(list(TARGETS), value="predicted", label="explain the class")
-                    k = gr.Slider(1, min(5, len(classes)), value=3, step=1, label="k (top-k)")
-                    class_name = gr.Dropdown(classes, value=classes[0], label="class (for 'class')")
-                with gr.Row():
-                    opacity = gr.Slider(0, 1, value=0.5, step=0.05, label="opacity", elem_id="opacity")
-                    colormap = gr.Dropdown(list(COLORMAPS), value=COLORMAPS[0], label="colour map")
-                run = gr.Button("explain", variant="primary", elem_id="explain")
-                message = gr.Markdown("", elem_id="message")
-                grid = gr.Gallery(
-                    label="images x methods (one shared [0, 1] colour scale)", columns=4, height="auto", elem_id="grid"
-                )
-                top5 = gr.Label(num_top_classes=5, label="top-5 probabilities (first selected image)")
-                with gr.Tab("every class"):
-                    per_class_button = gr.Button("every class for the last selected image")
-                    per_class_note = gr.Markdown("")
-                    per_class_grid = gr.Gallery(columns=5, height="auto", elem_id="per-class")
-                with gr.Tab("faithfulness"):
-                    faith_button = gr.Button("deletion / insertion for the last selected image (first method)")
-                    faith_note = gr.Markdown("")
-                    faith_plot = gr.Plot()
-        _api_components(gr, bench, methods)
-
-        filters = [true_filter, predicted_filter, correctness, pair_filter, order]
-        for control in filters:
-            control.change(bound(handlers.filtered, bench), filters, [gallery, visible], **PRIVATE)
-        app.load(bound(handlers.filtered, bench), filters, [gallery, visible], **PRIVATE)
-        gallery.select(_on_pick, [visible, selected], [selected, status], **PRIVATE)
-        uploads.upload(bound(handlers.upload, bench), [uploads, selected], [selected, status, upload_message], **PRIVATE)
-        clear.click(lambda: ([], handlers.selected_text([])), None, [selected, status], **PRIVATE)
-        compare_inputs = [selected, chosen_methods, layer, target, k, class_name, opacity, colormap]
-        run.click(show_comparison, compare_inputs, [grid, top5, message], **PRIVATE)
-        # Opacity and colour map re-blend the cached maps: no recomputation.
-        opacity.release(show_comparison, compare_inputs, [grid, top5, message], **PRIVATE)
-        colormap.change(show_comparison, compare_inputs, [grid, top5, message], **PRIVATE)
-        per_class_button.click(
-            bound(handlers.per_class, bench),
-            [selected, chosen_methods, layer, opacity, colormap],
-            [per_class_grid, per_class_note],
-            **PRIVATE,
-        )
-        faith_button.click(
-            bound(handlers.faithfulness, bench), [selected, chosen_methods, layer], [faith_plot, faith_note], **PRIVATE
-        )
+                compare = _compare_panel(gr, bench)
+                every_class, faithfulness = _every_class_tab(gr), _faithfulness_tab(gr)
+        _api_components(gr, bench, bench.methods())
+        _wire_pick(app, bench, pick, selected, visible)
+        _wire_compare(gr, bench, compare, selected)
+        _wire_tabs(bench, compare, selected, every_class, faithfulness)
     app.queue(default_concurrency_limit=4)  # several tabs at once: explainers are thread-safe
     return app
+
+
+# --- the page's layout: each function lays out one part and returns its components ------------------
+def _header(gr, bench: Workbench) -> None:
+    card = bench.card
+    gr.Markdown(
+        f"## explainkit: {card.architecture}\n{card.num_classes} classes · {card.describe_preprocessing()} · "
+        f"{len(bench.items)} images in the pool"
+    )
+
+
+def _pick_panel(gr, bench: Workbench) -> PickPanel:
+    classes = list(bench.card.classes)
+    gr.Markdown("### Pick images")
+    with gr.Row():
+        true_filter = gr.Dropdown([ANY, *classes], value=ANY, label="true class")
+        predicted_filter = gr.Dropdown([ANY, *classes], value=ANY, label="predicted class")
+    with gr.Row():
+        correctness = gr.Radio(["all", "correct", "wrong"], value="all", label="predictions")
+        pair_filter = gr.Dropdown([ANY, *handlers.pair_labels(bench)], value=ANY, label="confusion pair (true -> predicted)")
+    order = gr.Radio(["confidence", "least confident", "index"], value="confidence", label="sort by")
+    return PickPanel(
+        filters=[true_filter, predicted_filter, correctness, pair_filter, order],
+        gallery=gr.Gallery(label="images (click to select)", columns=5, height=360, allow_preview=False, elem_id="pool"),
+        uploads=gr.File(label="or upload images", file_count="multiple", elem_id="upload"),
+        status=gr.Markdown(handlers.selected_text([]), elem_id="selected"),
+        upload_message=gr.Markdown("", elem_id="upload-message"),
+        clear=gr.Button("clear selection", size="sm"),
+    )
+
+
+def _compare_panel(gr, bench: Workbench) -> ComparePanel:
+    classes, layers = list(bench.card.classes), bench.layer_choices()
+    gr.Markdown("### Compare")
+    methods = gr.CheckboxGroup(bench.methods(), value=["gradcam"], label="methods", elem_id="methods")
+    with gr.Row():
+        layer = gr.Dropdown(layers, value=layers[0], label="layer", allow_custom_value=True)
+        target = gr.Radio(list(TARGETS), value="predicted", label="explain the class")
+        k = gr.Slider(1, min(5, len(classes)), value=3, step=1, label="k (top-k)")
+        class_name = gr.Dropdown(classes, value=classes[0], label="class (for 'class')")
+    with gr.Row():
+        opacity = gr.Slider(0, 1, value=0.5, step=0.05, label="opacity", elem_id="opacity")
+        colormap = gr.Dropdown(list(COLORMAPS), value=COLORMAPS[0], label="colour map")
+    return ComparePanel(
+        methods,
+        layer,
+        target,
+        k,
+        class_name,
+        opacity,
+        colormap,
+        run=gr.Button("explain", variant="primary", elem_id="explain"),
+        message=gr.Markdown("", elem_id="message"),
+        grid=gr.Gallery(label="images x methods (one shared [0, 1] colour scale)", columns=4, height="auto", elem_id="grid"),
+        top=gr.Label(num_top_classes=5, label="top-5 probabilities (first selected image)"),
+    )
+
+
+def _every_class_tab(gr) -> ResultTab:
+    with gr.Tab("every class"):
+        return ResultTab(
+            gr.Button("every class for the last selected image"),
+            gr.Markdown(""),
+            gr.Gallery(columns=5, height="auto", elem_id="per-class"),
+        )
+
+
+def _faithfulness_tab(gr) -> ResultTab:
+    with gr.Tab("faithfulness"):
+        return ResultTab(gr.Button("deletion / insertion for the last selected image (first method)"), gr.Markdown(""), gr.Plot())
+
+
+# --- the page's events: each calls one handler of the workbench -----------------------------------
+def _wire_pick(app, bench: Workbench, pick: PickPanel, selected: Any, visible: Any) -> None:
+    show = functools.partial(handlers.filtered, bench)
+    for control in pick.filters:
+        control.change(show, pick.filters, [pick.gallery, visible], **PRIVATE)
+    app.load(show, pick.filters, [pick.gallery, visible], **PRIVATE)
+    pick.gallery.select(_on_pick, [visible, selected], [selected, pick.status], **PRIVATE)
+    pick.uploads.upload(
+        functools.partial(handlers.upload, bench),
+        [pick.uploads, selected],
+        [selected, pick.status, pick.upload_message],
+        **PRIVATE,
+    )
+    pick.clear.click(lambda: ([], handlers.selected_text([])), None, [selected, pick.status], **PRIVATE)
+
+
+def _wire_compare(gr, bench: Workbench, panel: ComparePanel, selected: Any) -> None:
+    progress_bar = gr.Progress()  # Gradio hands this default to the event function, tracking its event
+
+    def show(values: dict[Any, Any], progress: Any = progress_bar) -> tuple[Any, dict[str, float], str]:
+        result = handlers.compare(bench, panel.request(values, selected), panel.view(values), progress)
+        return gr.Gallery(value=result.panes, columns=result.columns), result.top, result.message
+
+    inputs, outputs = panel.controls() | {selected}, [panel.grid, panel.top, panel.message]
+    panel.run.click(show, inputs, outputs, **PRIVATE)
+    # Opacity and colour map re-blend the cached maps: no recomputation.
+    panel.opacity.release(show, inputs, outputs, **PRIVATE)
+    panel.colormap.change(show, inputs, outputs, **PRIVATE)
+
+
+def _wire_tabs(bench: Workbench, panel: ComparePanel, selected: Any, every_class: ResultTab, faithfulness: ResultTab) -> None:
+    def every(values: dict[Any, Any]) -> tuple[list[handlers.Pane], str]:
+        return handlers.per_class(bench, values[selected], values[panel.methods], values[panel.layer], panel.view(values))
+
+    every_class.button.click(
+        every,
+        {selected, panel.methods, panel.layer, panel.opacity, panel.colormap},
+        [every_class.result, every_class.note],
+        **PRIVATE,
+    )
+    faithfulness.button.click(
+        functools.partial(handlers.faithfulness, bench),
+        [selected, panel.methods, panel.layer],
+        [faithfulness.result, faithfulness.note],
+        **PRIVATE,
+    )
 
 
 def _api_components(gr, bench: Workbench, methods: list[str]) -> None:
@@ -210,7 +314,8 @@ def launch(bench: Workbench, host: str = "127.0.0.1", port: int = 7860, block: b
             footer_links=["api"],  # the API page: nothing else (no links off this machine)
         )
     except OSError as error:  # the port is taken, or the host is not this machine's
-        raise ExplainkitError(f"cannot serve on {host}:{port}: {str(error).splitlines()[0]} (try another --port)") from None
+        reason = str(error).splitlines()[0]
+        raise ExplainkitError(f"cannot serve on host={host} port={port}: {reason} (try another port)") from None
     print(f"explainkit serve: {url}", flush=True)
     if block:
         try:

@@ -9,7 +9,7 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import torch
@@ -19,16 +19,52 @@ from torch.utils.data import Dataset
 from explainkit.data.datasets import dataset_size, make_loader
 from explainkit.errors import ExplainkitError, ImageReadError
 from explainkit.evaluation import metrics
-from explainkit.explainers.base import ALL, Explainer, ExplainerFn, evaluation_mode
+from explainkit.explainers.base import ALL, evaluation_mode
 from explainkit.figures import overlay
 from explainkit.models.outputs import logits_of
 from explainkit.models.store import model_card
 from explainkit.registry import get_explainer, list_explainers
 from explainkit.runtime.images import read_image
 
+if TYPE_CHECKING:
+    from explainkit.explainers.base import Explainer
+
 UPLOAD_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 MAX_UPLOAD_BYTES = 10 * 2**20
 COLORMAPS = ("inferno", "viridis", "magma", "cividis", "jet")
+
+
+@dataclass(frozen=True)
+class ViewOptions:
+    """How a map is drawn over its image: the colour-mapped heat map's ``opacity`` (0 to 1) and its
+    ``colormap`` (one of ``COLORMAPS``); anything else is a clear :class:`ExplainkitError`."""
+
+    opacity: float = 0.5
+    colormap: str = COLORMAPS[0]
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.opacity <= 1:
+            raise ExplainkitError(f"opacity {self.opacity}: give a number from 0 to 1")
+        if self.colormap not in COLORMAPS:
+            raise ExplainkitError(f"unknown colour map {self.colormap!r}: choose from {', '.join(COLORMAPS)}")
+
+
+TARGET_KINDS = ("predicted", "true", "top-k", "class", "all")
+
+
+@dataclass(frozen=True)
+class Target:
+    """Which classes of an image to explain: its ``"predicted"`` class, its ``"true"`` label (an
+    upload has none: its predicted class), its ``k`` most probable (``"top-k"``), the class named
+    ``class_name`` (``"class"``) or every class (``"all"``)."""
+
+    kind: str = "predicted"
+    k: int = 1
+    class_name: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in TARGET_KINDS:
+            raise ExplainkitError(f"unknown target kind {self.kind!r}: choose from {', '.join(TARGET_KINDS)}")
 
 
 @dataclass
@@ -51,7 +87,7 @@ class Workbench:
         self.card = model_card(model)
         self.device = device
         self.items: dict[str, Item] = {}
-        self._explainers: dict[tuple[str, str | None], ExplainerFn] = {}
+        self._explainers: dict[tuple[str, str | None], Explainer] = {}
         self._maps: OrderedDict[tuple[str, str, str | None, int], torch.Tensor] = OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.Lock()
@@ -139,44 +175,39 @@ class Workbench:
         return [(self.card.classes[t], self.card.classes[p], n) for (t, p), n in ranked]
 
     # --- maps ----------------------------------------------------------------------------------
-    def explainer(self, method: str, layer: str | None) -> ExplainerFn:
+    def explainer(self, method: str, layer: str | None) -> Explainer:
         with self._lock:
             key = (method, layer)
             if key not in self._explainers:
                 self._explainers[key] = get_explainer(method, self.model, layer=layer)
             return self._explainers[key]
 
-    def class_index(self, item: Item, target: str, k: int = 1, class_name: str | None = None) -> list[int]:
-        """Classes to explain for ``target``: "predicted", "true" (uploads: predicted), "top-k",
-        "class" (``class_name``) or "all"."""
-        if target == "true" and item.label is not None:
+    def class_index(self, item: Item, target: Target) -> list[int]:
+        """The classes of ``item`` that ``target`` names, in the order their maps are shown."""
+        if target.kind == "true" and item.label is not None:
             return [item.label]
-        if target == "all":
+        if target.kind == "all":
             return list(range(self.card.num_classes))
-        if target == "top-k":
-            return item.probabilities.topk(min(k, len(item.probabilities))).indices.tolist()
-        if target == "class":
-            if class_name not in self.card.classes:
-                raise ExplainkitError(f"unknown class {class_name!r}")
-            return [self.card.classes.index(class_name)]
+        if target.kind == "top-k":
+            return item.probabilities.topk(min(target.k, len(item.probabilities))).indices.tolist()
+        if target.kind == "class":
+            if target.class_name not in self.card.classes:
+                raise ExplainkitError(f"unknown class {target.class_name!r}")
+            return [self.card.classes.index(target.class_name)]
         return [item.predicted]
 
     def maps(self, items: Sequence[Item], method: str, layer: str | None, classes: Sequence[Sequence[int]]) -> torch.Tensor:
         """``(len(items), J, H, W)`` maps on the CPU for ``classes[i]``, the ``J`` classes of item
         ``i``; computed once per (image, method, layer, class) and cached. The images with any map
-        missing are explained in one call (our explainers take the ``(N, J)`` classes at once: one
-        forward and one batched backward), not one call per class or per image."""
+        missing are explained in one call (every registered explainer takes the ``(N, J)`` classes at
+        once: one forward and one batched backward), not one call per class or per image."""
         keys = [[(item.key, method, layer, int(cls)) for cls in row] for item, row in zip(items, classes)]
         cached = [[self._cached(key) for key in row] for row in keys]
         missing = [row for row, values in enumerate(cached) if any(value is None for value in values)]
         if missing:
             batch = torch.stack([items[row].input for row in missing]).to(self.device)
             wanted = torch.tensor([list(classes[row]) for row in missing], device=self.device)  # (M, J)
-            explainer = self.explainer(method, layer)
-            if isinstance(explainer, Explainer):
-                computed = explainer(batch, targets=wanted).float().cpu()  # (M, J, H, W)
-            else:  # a plain plugin function takes one class per image: one call per column
-                computed = torch.stack([explainer(batch, column) for column in wanted.T], dim=1).float().cpu()
+            computed = self.explainer(method, layer)(batch, targets=wanted).float().cpu()  # (M, J, H, W)
             for row, values in zip(missing, computed):
                 for column, value in enumerate(values):
                     self._store(keys[row][column], value)
@@ -213,9 +244,9 @@ class Workbench:
         picture: np.ndarray = self.card.denormalize(item.input[None])[0].permute(1, 2, 0).numpy()
         return picture
 
-    def blend(self, item: Item, heat: torch.Tensor, opacity: float, colormap: str) -> np.ndarray:
-        """The image with ``heat`` (``(H, W)`` in [0, 1]) colour-mapped over it, as uint8."""
-        blended = overlay(self.card.denormalize(item.input[None])[0], heat, opacity, colormap)
+    def blend(self, item: Item, heat: torch.Tensor, view: ViewOptions) -> np.ndarray:
+        """The image with ``heat`` (``(H, W)`` in [0, 1]) colour-mapped over it as ``view`` says, as uint8."""
+        blended = overlay(self.card.denormalize(item.input[None])[0], heat, view.opacity, view.colormap)
         picture: np.ndarray = (np.clip(blended, 0, 1) * 255).astype(np.uint8)
         return picture
 

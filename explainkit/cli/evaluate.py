@@ -29,7 +29,6 @@ from explainkit.runtime.device import select_device
 from explainkit.runtime.io import ensure_writable_dir, write_json
 
 FAITHFULNESS_COLUMNS = ["deletion_auc", "insertion_auc", "average_drop", "increase_in_confidence", "road_morf", "road_lerf"]
-SKIPPABLE = ("deletion", "confidence", "road", "sanity")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -45,7 +44,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", default="outputs/evaluate", help="output directory (default outputs/evaluate)")
     parser.add_argument("--json", help="metrics file (default OUT/metrics.json)")
     parser.add_argument("--seed", type=int, default=0, help="random seed for baselines, tie orders and bootstrap (default 0)")
-    parser.add_argument("--skip", default="", help=f"comma-separated parts to skip: {', '.join(SKIPPABLE)}")
+    parser.add_argument("--skip", default="", help=f"comma-separated parts to skip: {', '.join(evaluation_run.SKIPPABLE)}")
     parser.add_argument("--synthetic", action="store_true", help="the ground-truth localisation benchmark instead")
     parser.set_defaults(run=run)
 
@@ -58,16 +57,18 @@ def _factories(methods: list[str], layer: str | None):
 
 def run(args: argparse.Namespace) -> int:
     methods = parse_methods(args.methods)
-    skip = frozenset(s.strip() for s in args.skip.split(",") if s.strip())
-    unknown = skip - set(SKIPPABLE)
-    if unknown:
-        raise ExplainkitError(f"--skip: unknown part(s) {', '.join(sorted(unknown))}; choose from {', '.join(SKIPPABLE)}")
+    options = evaluation_run.FaithfulnessOptions(  # checks --skip before anything loads
+        steps=args.steps,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        skip=frozenset(s.strip() for s in args.skip.split(",") if s.strip()),
+    )
     check_spec_flags(args)
     if args.synthetic and args.model:
         raise ExplainkitError("--synthetic trains its own small CNN; drop --model")
     device = select_device(args.device)
     if args.json:
-        ensure_writable_dir(Path(args.json).parent or Path("."), "--json")
+        ensure_writable_dir(Path(args.json).parent or Path("."), "json")
     started = time.perf_counter()
     if args.synthetic:
         from explainkit.evaluation import synthetic
@@ -97,17 +98,7 @@ def run(args: argparse.Namespace) -> int:
             announce(model, args.layer)
         picks = torch.linspace(0, dataset_size(dataset) - 1, min(args.limit, dataset_size(dataset))).long().tolist()
         images = torch.stack([dataset[i][0] for i in picks]).to(device)
-        results, curves = evaluation_run.evaluate_faithfulness(
-            model,
-            model_card(model),
-            factories,
-            images,
-            args.layer,
-            steps=args.steps,
-            batch_size=args.batch_size,
-            seed=args.seed,
-            skip=skip,
-        )
+        results, curves = evaluation_run.evaluate_faithfulness(model, model_card(model), factories, images, args.layer, options)
         results["meta"] = {
             "model": source,
             "layer": layer_name,
@@ -116,11 +107,11 @@ def run(args: argparse.Namespace) -> int:
             "device": str(device),
             "seconds": round(time.perf_counter() - started, 1),
             "seed": args.seed,
-            "skipped": sorted(skip),
+            "skipped": sorted(options.skip),
         }
         if curves:
             save_figure(evaluation_run.curves_figure(curves), out / "deletion_insertion.png")
-        if "sanity" not in skip:
+        if "sanity" not in options.skip:
             save_figure(evaluation_run.sanity_figure(results), out / "sanity.png")
         columns = [c for c in FAITHFULNESS_COLUMNS if any(c in v for k, v in results.items() if k != "meta")]
     results = {"schema_version": evaluation_run.SCHEMA_VERSION, **results}

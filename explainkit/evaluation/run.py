@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import time
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -20,6 +21,29 @@ from explainkit.models.outputs import logits_of
 
 SCHEMA_VERSION = 1
 LOWER_IS_BETTER = {"deletion_auc", "average_drop", "road_morf"}
+SKIPPABLE = ("deletion", "confidence", "road", "sanity")
+
+
+@dataclass(frozen=True)
+class FaithfulnessOptions:
+    """How :func:`evaluate_faithfulness` measures: deletion/insertion in ``steps``, ``batch_size``
+    images per forward, ``seed`` for the baselines, tie orders and the bootstrap, the parts to
+    ``skip`` (of ``SKIPPABLE``; an unknown one is a clear error) and the ``baselines`` (of
+    :data:`~explainkit.evaluation.baselines.BASELINES`) scored next to the methods."""
+
+    steps: int = 32
+    batch_size: int = 128
+    seed: int = 0
+    skip: frozenset[str] = frozenset()
+    baselines: tuple[str, ...] = BASELINES
+
+    def __post_init__(self) -> None:
+        unknown = ",".join(sorted(set(self.skip) - set(SKIPPABLE)))
+        if unknown:
+            raise ExplainkitError(f"skip={unknown}: not a part to skip; choose from {', '.join(SKIPPABLE)}")
+        unknown = ",".join(sorted(set(self.baselines) - set(BASELINES)))
+        if unknown:
+            raise ExplainkitError(f"baselines={unknown}: not a baseline; choose from {', '.join(BASELINES)}")
 
 
 def collect_maps(name: str, explainer: Callable, images: torch.Tensor, targets: torch.Tensor, batch_size: int) -> torch.Tensor:
@@ -62,21 +86,19 @@ def evaluate_faithfulness(
     factories: dict[str, Callable[[nn.Module], Callable]],
     images: torch.Tensor,
     layer: str | None,
-    steps: int = 32,
-    batch_size: int = 128,
-    seed: int = 0,
-    skip: frozenset[str] = frozenset(),
-    baselines: tuple[str, ...] = BASELINES,
+    options: FaithfulnessOptions = FaithfulnessOptions(),
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Scores for each method in ``factories`` (``model -> explainer``) and each baseline.
+    """Scores for each method in ``factories`` (``model -> explainer``) and each baseline, measured
+    as ``options`` say; the baselines explain at ``layer``.
 
     Returns the JSON-ready results and the mean deletion/insertion curves per method.
     """
+    steps, batch_size, seed, skip = options.steps, options.batch_size, options.seed, options.skip
     model.eval()
     with torch.no_grad():  # not inference_mode: targets feed explainers that record autograd graphs
         targets = torch.cat([logits_of(model(images[s : s + batch_size])).argmax(1) for s in range(0, len(images), batch_size)])
     candidates: dict[str, Callable[[nn.Module], Callable]] = dict(factories)
-    for name in baselines:  # a namespace of their own: a plugin method may be called "random" too
+    for name in options.baselines:  # a namespace of their own: a plugin method may be called "random" too
         candidates[BASELINE_PREFIX + name] = functools.partial(_baseline, name, layer=layer, seed=seed)
     results: dict[str, Any] = {}
     curves: dict[str, torch.Tensor] = {}
