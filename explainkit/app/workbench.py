@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import Dataset
 
-from explainkit.data.datasets import dataset_size, make_loader
+from explainkit.data.datasets import limit_evenly, make_loader
 from explainkit.errors import ExplainkitError, ImageReadError
 from explainkit.evaluation import metrics
 from explainkit.explainers.base import ALL, evaluation_mode
@@ -96,11 +96,7 @@ class Workbench:
     # --- the pool ------------------------------------------------------------------------------
     def add_dataset(self, dataset: Dataset, limit: int | None = None, batch_size: int = 128) -> int:
         """Predict ``limit`` evenly spaced images of ``dataset`` (all by default) into the pool."""
-        from torch.utils.data import Subset
-
-        size = dataset_size(dataset)
-        if limit is not None and limit < size:
-            dataset = Subset(dataset, torch.linspace(0, size - 1, limit).long().tolist())
+        dataset = limit_evenly(dataset, limit)
         offset = 0
         with evaluation_mode(self.model), torch.no_grad():
             for images, labels in make_loader(dataset, batch_size, self.device):

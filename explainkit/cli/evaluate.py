@@ -19,7 +19,7 @@ from explainkit.cli.flags import (
     load_model_from_flags,
     positive_int,
 )
-from explainkit.data.datasets import data_dir_from_env, dataset_size, load_split
+from explainkit.data.datasets import data_dir_from_env, dataset_size, evenly_spaced, load_split
 from explainkit.errors import ExplainkitError
 from explainkit.evaluation import run as evaluation_run
 from explainkit.figures import save_figure
@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
 
             card = ModelCard()
             split = load_split("test", card, args.data_dir)
-            picks = torch.linspace(0, dataset_size(split) - 1, 2000).long().tolist()
+            picks = evenly_spaced(dataset_size(split), 2000)
             backgrounds = card.denormalize(torch.stack([split[i][0] for i in picks]))
         results, _, _ = evaluation_run.evaluate_synthetic(factories, seed=args.seed, backgrounds=backgrounds)
         columns = ["pointing_game", "energy_in_box"]
@@ -96,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
         out = ensure_writable_dir(args.out)
         if args.model:  # a library model: say what preprocessing and layer were read off it
             announce(model, args.layer)
-        picks = torch.linspace(0, dataset_size(dataset) - 1, min(args.limit, dataset_size(dataset))).long().tolist()
+        picks = evenly_spaced(dataset_size(dataset), args.limit)
         images = torch.stack([dataset[i][0] for i in picks]).to(device)
         results, curves = evaluation_run.evaluate_faithfulness(model, model_card(model), factories, images, args.layer, options)
         results["meta"] = {

@@ -156,7 +156,7 @@ def trace_layers(model: nn.Module, input_size: tuple[int, int, int] | None = Non
 
 
 def _listed(name: str, module: nn.Module, everything: bool) -> bool:
-    """Stages, blocks and block norms by default (depth <= 2 and transformer block norms); all with --all."""
+    """Stages, blocks and block norms (depth <= 2 and transformer block norms); all with ``everything``."""
     if everything:
         return True
     return name.count(".") <= 1 or name.rsplit(".", 1)[-1] in BLOCK_NORMS

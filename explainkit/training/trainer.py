@@ -31,7 +31,14 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset
 from torch.utils.data.distributed import DistributedSampler
 from tqdm.auto import tqdm
 
-from explainkit.data.datasets import check_image_folder, data_dir_from_env, dataset_size, eval_transform, open_split
+from explainkit.data.datasets import (
+    check_image_folder,
+    data_dir_from_env,
+    dataset_size,
+    eval_transform,
+    evenly_spaced,
+    open_split,
+)
 from explainkit.errors import DataError, ExplainkitError
 from explainkit.models.card import ModelCard
 from explainkit.models.store import resnet18_cifar, save_model
@@ -226,7 +233,7 @@ def subset_indices(count: int, limit: int | None, seed: int, spread: bool) -> li
     if limit is None or limit >= count:
         return None
     if spread:  # evenly spaced: every class of a class-sorted folder
-        return torch.linspace(0, count - 1, limit).long().tolist()
+        return evenly_spaced(count, limit)
     return torch.randperm(count, generator=torch.Generator().manual_seed(seed))[:limit].tolist()
 
 
