@@ -20,11 +20,11 @@ from benchmarks.zoo_sweep import (
     torchvision_models,
 )
 
-# torchvision classifiers over SLOW_PARAMETERS, by name so that collection stays instant (the
+# Models over SLOW_PARAMETERS, by name so that collection stays instant (the
 # test checks the list against the real counts); a model over the size limit skips in its test.
-_LARGE_TORCHVISION = ("convnext_base", "efficientnet_b7", "efficientnet_v2_l", "efficientnet_v2_m", "regnet_x_16gf",
+_LARGE = ("convnext_base", "efficientnet_b7", "efficientnet_v2_l", "efficientnet_v2_m", "regnet_x_16gf",
                       "regnet_x_32gf", "regnet_y_16gf", "resnet152", "resnext101_32x8d", "resnext101_64x4d", "swin_b",
-                      "swin_v2_b", "vgg", "vit_b", "wide_resnet", "alexnet")  # fmt: skip
+                      "swin_v2_b", "vgg", "vit_b", "wide_resnet", "alexnet", "beit_base")  # fmt: skip
 
 
 def _params() -> list:
@@ -33,7 +33,7 @@ def _params() -> list:
         pytest.param(
             model,
             id=model.spec,
-            marks=[pytest.mark.slow] if model.library == "torchvision" and model.name.startswith(_LARGE_TORCHVISION) else [],
+            marks=[pytest.mark.slow] if model.name.startswith(_LARGE) else [],
         )
         for model in models
     ]
@@ -63,7 +63,7 @@ def test_default_layer_gives_maps_and_matches_the_page(model: ZooModel):
     assert rows.get(model.spec) == result.row(), (
         f"docs/supported-models.md is out of date for {model.spec}; run `python -m benchmarks.zoo_sweep`"
     )
-    marked_slow = model.library == "torchvision" and model.name.startswith(_LARGE_TORCHVISION)
+    marked_slow = model.name.startswith(_LARGE)
     assert marked_slow == (result.parameters > SLOW_PARAMETERS), f"{model.spec}: {result.parameters / 1e6:.0f}M parameters"
 
 
