@@ -9,7 +9,7 @@ published under the ``explainkit`` entry-point group::
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import pluggy
 
@@ -34,4 +34,17 @@ def register_explainers(register: Callable[..., None]) -> None:
     :return: nothing; all implementations are called, in plugin registration order.
         Two plugins registering the same name is an error
         (:class:`explainkit.DuplicateExplainerError`), never a silent override.
+    """
+
+
+@hookspec
+def register_commands(subparsers: Any) -> None:
+    """Add commands to ``explainkit`` (as simonw/llm's ``register_commands``).
+
+    :param subparsers: the ``argparse`` sub-parsers of ``explainkit``. Add one with
+        ``parser = subparsers.add_parser("name", help=...)``, declare its flags, and set
+        ``parser.set_defaults(run=function)``, where ``function(args) -> int`` is the exit code.
+        Raise :class:`explainkit.ExplainkitError` for a user error: it is shown on one line.
+    :return: nothing; all implementations are called, after the built-in commands. A name that
+        is already taken is an error naming the plugin.
     """

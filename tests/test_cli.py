@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 import explainkit
-from explainkit.cli import main
+from explainkit.cli import build_parser, main
 from tests.conftest import REPO
 
 
@@ -315,3 +315,39 @@ def test_every_flag_of_every_command_is_explained_in_the_docs():
         if flag.startswith("--") and flag != "--help" and flag not in prose
     ]
     assert not missing, f"flags missing from docs/*.md: {missing}"
+
+
+def test_a_plugin_adds_a_command_through_register_commands(fresh_plugins, capsys):
+    class CountPlugin:
+        @explainkit.hookimpl
+        def register_commands(self, subparsers):
+            parser = subparsers.add_parser("count-methods", help="how many explainers are registered")
+            parser.add_argument("--times", type=int, default=1)
+            parser.set_defaults(run=lambda args: print(len(explainkit.list_explainers()) * args.times) or 0)
+
+    fresh_plugins.register(CountPlugin(), name="count-plugin")
+    assert main(["count-methods", "--times", "2"]) == 0
+    assert capsys.readouterr().out.strip() == str(2 * len(explainkit.list_explainers()))
+    assert "count-methods" in build_parser().format_help()
+
+
+def test_a_plugin_command_that_clashes_or_has_no_run_fails_alone(fresh_plugins, capsys):
+    class Clash:
+        @explainkit.hookimpl
+        def register_commands(self, subparsers):
+            subparsers.add_parser("explain")  # taken by the built-in
+
+    class NoRun:
+        @explainkit.hookimpl
+        def register_commands(self, subparsers):
+            subparsers.add_parser("lonely")
+
+    fresh_plugins.register(Clash(), name="clash-plugin")
+    fresh_plugins.register(NoRun(), name="norun-plugin")
+    with pytest.warns(RuntimeWarning, match="'clash-plugin'.*skipped"):
+        parser = build_parser()
+    assert "lonely" in parser.format_help()
+    assert main(["methods"]) == 0  # the built-ins keep working
+    capsys.readouterr()
+    assert main(["lonely"]) == 2
+    assert "sets no run function" in capsys.readouterr().err

@@ -9,6 +9,7 @@ from :mod:`explainkit.cli.flags`) and ``run(args) -> exit code``. User errors
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import re
 import sys
@@ -40,7 +41,36 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for command in COMMANDS:
         command.add_parser(subparsers)
+    _plugin_commands(subparsers)
     return parser
+
+
+def _plugin_commands(subparsers: argparse._SubParsersAction) -> None:
+    """Commands plugins add through the ``register_commands`` hook; a plugin that fails is skipped
+    with one warning naming it, as for explainers."""
+    from explainkit.plugins import plugin_manager
+
+    for impl in plugin_manager().hook.register_commands.get_hookimpls():
+        taken = set(subparsers.choices)
+        try:
+            impl.function(subparsers=subparsers)
+        except argparse.ArgumentError as error:  # a name already taken
+            warnings.warn(
+                f"explainkit plugin {impl.plugin_name!r}: its command was skipped: {error}", RuntimeWarning, stacklevel=2
+            )
+        except Exception as error:  # noqa: BLE001 - one plugin's failure stays its own
+            warnings.warn(
+                f"explainkit plugin {impl.plugin_name!r}: register_commands raised {type(error).__name__}: {error}",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        for name in set(subparsers.choices) - taken:
+            if "run" not in subparsers.choices[name]._defaults:
+                subparsers.choices[name].set_defaults(run=functools.partial(_no_run, name, impl.plugin_name))
+
+
+def _no_run(name: str, plugin: str, args: argparse.Namespace) -> int:
+    raise ExplainkitError(f"command {name!r} of plugin {plugin!r} sets no run function (parser.set_defaults(run=...))")
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ARG001 - warnings' signature
