@@ -68,7 +68,7 @@ def test_contributions_tutorial_equals_the_builtin(random_model):
 
 def test_every_hook_is_documented_and_tested():
     tests = "".join(p.read_text() for p in Path(REPO / "tests").glob("test_*.py"))
-    assert _hook_names() == ["register_explainers"]
+    assert _hook_names() == ["register_commands", "register_explainers"]
     for name in _hook_names():
         assert f"`{name}(" in PLUGINS, f"hook {name} is not documented in docs/plugins.md"
         assert f"def {name}(" in tests.replace(f"def {name}(self", f"def {name}(")
@@ -79,3 +79,27 @@ def test_readme_images_exist():
     assert paths, "the README shows no picture"
     for path in paths:
         assert (REPO / path).is_file(), path
+
+
+def _example(marker: str, name: str) -> types.ModuleType:
+    code = re.search(rf"<!-- {marker} -->\s*```python\n(.*?)```", PLUGINS, re.S).group(1)
+    module = types.ModuleType(name)
+    exec(compile(code, f"docs/plugins.md:{name}", "exec"), module.__dict__)
+    return module
+
+
+def test_plain_function_plugin_example_runs(fresh_plugins, random_model):
+    fresh_plugins.register(_example("function-example", "brightness_plugin"), name="brightness_plugin")
+    explainer = explainkit.get_explainer("brightness", random_model)
+    images = torch.randn(2, 3, 32, 32)
+    result = explainer.explain(images, "topk:2")
+    assert result.maps.shape == (2, 2, 32, 32) and result.targets.shape == (2, 2)
+    assert torch.equal(explainer(images), explainkit.explainers.base.normalize_maps(images.mean(1).relu()))
+
+
+def test_command_plugin_example_runs(fresh_plugins, capsys):
+    from explainkit.cli import main
+
+    fresh_plugins.register(_example("command-example", "count_plugin"), name="count_plugin")
+    assert main(["count-methods"]) == 0
+    assert capsys.readouterr().out.strip() == str(len(explainkit.list_explainers()))
