@@ -73,3 +73,31 @@ def test_uint8_array_shapes():
         to_rgb_uint8(np.zeros((10, 10, 2), np.uint8), SIZE)
     with pytest.raises(ValueError):
         to_rgb_uint8(np.zeros((10, 10), np.float32), SIZE)
+
+
+def test_images_over_the_pixel_limit_are_refused_before_decoding(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from explainkit.runtime.images import read_image
+
+    path = tmp_path / "wide.png"
+    Image.new("RGB", (40, 30)).save(path)
+    with pytest.raises(ImageReadError, match=r"40 x 30 pixels is over the limit of 0.001 megapixels"):
+        read_image(path, (32, 32), max_pixels=1000)
+    assert read_image(path, (8, 8), max_pixels=1200).shape == (8, 8, 3)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # PIL's own bomb guard, at twice this
+    with pytest.raises(ImageReadError, match="decompression bomb"):
+        read_image(path, (32, 32))
+
+
+def test_animated_images_are_refused_when_a_single_frame_is_asked_for(tmp_path):
+    from PIL import Image
+
+    from explainkit.runtime.images import read_image
+
+    path = tmp_path / "anim.gif"
+    frames = [Image.new("RGB", (16, 16), colour) for colour in ("red", "blue", "green")]
+    frames[0].save(path, save_all=True, append_images=frames[1:])
+    assert read_image(path, (8, 8)).shape == (8, 8, 3)  # the first frame
+    with pytest.raises(ImageReadError, match=r"multi-frame image \(3 frames\)"):
+        read_image(path, (8, 8), single_frame=True)

@@ -166,6 +166,14 @@ def test_a_taken_port_is_a_clear_error_naming_the_parameters(served):
         launch(bench, "127.0.0.1", port, block=False)
 
 
+def test_the_queue_is_bounded_so_overload_answers_busy(random_model):
+    pytest.importorskip("gradio", reason="needs gradio (explainkit[ui])")
+    from explainkit.app.ui import QUEUE_SIZE, build_app
+
+    app = build_app(Workbench(random_model, torch.device("cpu")))
+    assert app._queue.max_size == QUEUE_SIZE and QUEUE_SIZE > 0
+
+
 @pytest.fixture(scope="module")
 def client(served):
     gradio_client = pytest.importorskip("gradio_client", reason="needs gradio_client (comes with gradio)")

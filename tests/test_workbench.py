@@ -133,3 +133,37 @@ def test_a_plain_function_plugin_gives_maps_for_several_classes_per_image(fresh_
     assert maps.shape == (2, 2, 32, 32)
     assert maps[:, :, 0].argmax(-1).tolist() == [[3, 5], [7, 1]]
     assert seen  # the plugin's own function made them
+
+
+def test_the_upload_pool_keeps_the_most_recent_and_the_dataset(random_model, tiny_folder, tmp_path):
+    bench = Workbench(random_model, torch.device("cpu"), max_uploads=3)
+    bench.add_dataset(load_split("test", bench.card, tiny_folder), limit=4)
+    keys = []
+    for index in range(5):
+        path = tmp_path / f"u{index}.png"
+        Image.fromarray(np.full((32, 32, 3), 40 * index, dtype=np.uint8)).save(path)
+        keys.append(bench.add_upload(path).key)
+    uploads = [key for key in bench.items if key.startswith("upload/")]
+    assert uploads == keys[-3:]  # the two oldest went
+    assert len([key for key in bench.items if key.startswith("test/")]) == 4  # the gallery stays
+
+
+def test_hostile_uploads_are_one_line_messages_without_server_paths(random_model, tmp_path):
+    from explainkit.errors import ImageReadError
+
+    bench = Workbench(random_model, torch.device("cpu"))
+    animated = tmp_path / "anim.gif"
+    frames = [Image.new("RGB", (16, 16), colour) for colour in ("red", "blue")]
+    frames[0].save(animated, save_all=True, append_images=frames[1:])
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    liar = tmp_path / "liar.png"
+    liar.write_text("not an image at all")
+    truncated = tmp_path / "cut.png"
+    Image.new("RGB", (64, 64), "white").save(tmp_path / "whole.png")
+    truncated.write_bytes((tmp_path / "whole.png").read_bytes()[:60])
+    for path, fragment in ((animated, "multi-frame"), (empty, "cannot read"), (liar, "cannot read"), (truncated, "cannot read")):
+        with pytest.raises(ImageReadError, match=fragment) as info:
+            bench.add_upload(path)
+        message = str(info.value)
+        assert str(tmp_path) not in message and "\n" not in message and path.name in message

@@ -33,6 +33,7 @@ from explainkit.app.handlers import ANY, TARGETS, CompareRequest
 from explainkit.app.workbench import COLORMAPS, MAX_UPLOAD_BYTES, Target, ViewOptions, Workbench
 from explainkit.errors import ExplainkitError
 
+QUEUE_SIZE = 64
 PRIVATE = {"api_visibility": "private"}  # the page's own events: not on the API page, not for API clients
 
 
@@ -153,7 +154,9 @@ def build_app(bench: Workbench):
         _wire_pick(app, bench, pick, selected, visible)
         _wire_compare(gr, bench, compare, selected)
         _wire_tabs(bench, compare, selected, every_class, faithfulness)
-    app.queue(default_concurrency_limit=4)  # several tabs at once: explainers are thread-safe
+    # Several tabs at once (explainers are thread-safe); past QUEUE_SIZE waiting requests a client
+    # is told the queue is full instead of the server running out of memory.
+    app.queue(default_concurrency_limit=4, max_size=QUEUE_SIZE)
     return app
 
 

@@ -82,7 +82,7 @@ class Item:
 class Workbench:
     """The model, its image pool and the maps cache; every method is safe to call from several threads."""
 
-    def __init__(self, model: nn.Module, device: torch.device, cache_size: int = 4096) -> None:
+    def __init__(self, model: nn.Module, device: torch.device, cache_size: int = 4096, max_uploads: int = 256) -> None:
         self.model = model
         self.card = model_card(model)
         self.device = device
@@ -92,6 +92,7 @@ class Workbench:
         self._cache_size = cache_size
         self._lock = threading.Lock()
         self._uploads = 0
+        self._max_uploads = max_uploads  # the pool keeps the most recent uploads: a long-lived server stays bounded
 
     # --- the pool ------------------------------------------------------------------------------
     def add_dataset(self, dataset: Dataset, limit: int | None = None, batch_size: int = 128) -> int:
@@ -119,7 +120,7 @@ class Workbench:
         if path.stat().st_size > MAX_UPLOAD_BYTES:
             raise ImageReadError(f"{path.name}: larger than {MAX_UPLOAD_BYTES // 2**20} MiB")
         try:
-            array = read_image(path, self.card.image_size, self.card.resize, self.card.interpolation)
+            array = read_image(path, self.card.image_size, self.card.resize, self.card.interpolation, single_frame=True)
         except ImageReadError as error:
             message = str(error)
             for folder in {str(path.parent), str(path.resolve().parent)} - {".", "/"}:
@@ -134,6 +135,9 @@ class Workbench:
             self._uploads += 1
             item = Item(key, image, None, int(probabilities.argmax()), float(probabilities.max()), probabilities)
             self.items[key] = item
+            uploads = [k for k in self.items if k.startswith("upload/")]  # insertion order: oldest first
+            for old in uploads[: max(0, len(uploads) - self._max_uploads)]:
+                del self.items[old]
         return item
 
     def select(

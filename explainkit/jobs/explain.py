@@ -376,23 +376,38 @@ def _sample_figures(
     if not indices:
         return []
     images, labels = _stack(dataset, indices)
-    name, primary = _primary(explainers)
     batch = images.to(device)
-    shown = figure_targets(options.targets, card.num_classes)
+    row_labels = [f"true: {card.classes[y]}" for y in labels.tolist()]
+    outputs = [_per_class_figure(explainers, card, images, batch, row_labels, options.targets, out)[0]]
+    if len(explainers) > 1:
+        outputs.append(_methods_figure(_explain_all_methods(explainers, batch), batch, card, out, labels))
+    return outputs
+
+
+def _per_class_figure(
+    explainers: dict[str, Explainer],
+    card: ModelCard,
+    images: torch.Tensor,
+    batch: torch.Tensor,
+    row_labels: list[str],
+    targets: str,
+    out: Path,
+) -> tuple[Path, Explanation]:
+    """``per_class.png``: the first method's maps of ``batch`` for the figure's classes (every class,
+    or each image's top k), and the explanation they came from."""
+    name, primary = _primary(explainers)
+    shown = figure_targets(targets, card.num_classes)
     per_class = primary.explain(batch, shown)
     figure = figures.per_class_grid(
         card.denormalize(images),
         per_class.maps.cpu(),
         per_class.probabilities.cpu(),
         card.classes,
-        labels=[f"true: {card.classes[y]}" for y in labels.tolist()],
+        labels=row_labels,
         title=_per_class_title(name, primary, shown),
         class_indices=_shown_classes(per_class),
     )
-    outputs = [figures.save_figure(figure, out / "per_class.png")]
-    if len(explainers) > 1:
-        outputs.append(_methods_figure(_explain_all_methods(explainers, batch), batch, card, out, labels))
-    return outputs
+    return figures.save_figure(figure, out / "per_class.png"), per_class
 
 
 def _confusion_figure(scanned: ScanResult, card: ModelCard, out: Path) -> Path:
@@ -486,28 +501,12 @@ def explain_images(
     """Explain given images (already preprocessed): ``per_class.png``, ``methods.png`` (several
     methods), ``summary.json``, ``report.html`` and, with ``options.save_maps``, ``maps.zarr``."""
     options = options or ExplainOptions()
-    primary_name, primary = _primary(explainers)
     save_maps, meta, targets = options.save_maps, options.meta, options.targets
     started = time.perf_counter()
     batch = images.to(device)
-    shown = figure_targets(targets, card.num_classes)
-    per_class = primary.explain(batch, shown)
-    probabilities = per_class.probabilities.cpu()
-    confidence, predicted = probabilities.max(dim=1)
-    outputs = [
-        figures.save_figure(
-            figures.per_class_grid(
-                card.denormalize(images),
-                per_class.maps.cpu(),
-                probabilities,
-                card.classes,
-                labels=[Path(n).name for n in names],
-                title=_per_class_title(primary_name, primary, shown),
-                class_indices=_shown_classes(per_class),
-            ),
-            out / "per_class.png",
-        )
-    ]
+    figure, per_class = _per_class_figure(explainers, card, images, batch, [Path(n).name for n in names], targets, out)
+    confidence, predicted = per_class.probabilities.cpu().max(dim=1)
+    outputs = [figure]
     if len(explainers) > 1 or save_maps:
         results = _explain_all_methods(explainers, batch)  # once: the figure and the store share them
         if len(explainers) > 1:

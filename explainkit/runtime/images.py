@@ -88,16 +88,41 @@ def to_rgb_uint8(item: Any, size: tuple[int, int], resize: int | None = None, in
     return np.asarray(fit_image(to_rgb_image(image), size, resize, interpolation), dtype=np.uint8)
 
 
-def read_image(path: str | Path, size: tuple[int, int], resize: int | None = None, interpolation: str = "bilinear") -> np.ndarray:
-    """Read an image file (any PIL format/mode) as ``(H, W, 3)`` uint8 at ``size`` (see :func:`fit_image`)."""
+MAX_PIXELS = 40_000_000  # 40 megapixels (e.g. 8000 x 5000): a larger file is refused before it is decoded
+
+
+def read_image(
+    path: str | Path,
+    size: tuple[int, int],
+    resize: int | None = None,
+    interpolation: str = "bilinear",
+    *,
+    max_pixels: int = MAX_PIXELS,
+    single_frame: bool = False,
+) -> np.ndarray:
+    """Read an image file (any PIL format/mode) as ``(H, W, 3)`` uint8 at ``size`` (see :func:`fit_image`).
+
+    Safe on hostile files: an image over ``max_pixels`` (read from its header: a decompression bomb
+    is refused, never decoded), an empty, truncated or mislabelled file, and with ``single_frame``
+    an animated one, are each an :class:`ImageReadError` with one line. Multi-frame files are read
+    at their first frame otherwise.
+    """
     path = Path(path)
     try:
         with Image.open(path) as image:
+            width, height = image.size
+            if width * height > max_pixels:
+                raise ImageReadError(f"{path}: {width} x {height} pixels is over the limit of {max_pixels / 1e6:g} megapixels")
+            frames = getattr(image, "n_frames", 1)
+            if single_frame and frames > 1:
+                raise ImageReadError(f"{path}: an animated or multi-frame image ({frames} frames); give a single frame")
             image.load()
             return to_rgb_uint8(image, size, resize, interpolation)
     except FileNotFoundError:
         raise ImageReadError(f"image not found: {path}") from None
     except IsADirectoryError:
         raise ImageReadError(f"image path is a directory: {path}") from None
+    except Image.DecompressionBombError as exc:  # PIL's own guard, above twice its MAX_IMAGE_PIXELS
+        raise ImageReadError(f"{path}: refused as a decompression bomb ({exc})") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise ImageReadError(f"cannot read image {path}: {type(exc).__name__}: {exc}") from None
