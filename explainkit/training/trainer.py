@@ -284,7 +284,7 @@ def loader_data(recipe: Recipe, run: Run) -> TrainData:
     return TrainData("loader", train_loader, test_loader, test_shard, train_set, classes, start_epoch)
 
 
-def device_data(recipe: Recipe, run: Run) -> TrainData:
+def device_resident_data(recipe: Recipe, run: Run) -> TrainData:
     """Both splits decoded once into uint8 tensors on the device, augmented there (``device_data.py``);
     ``run.config.splits``, when given, are reused instead of decoding."""
     card, seed, shard = ModelCard(), run.config.seed, run.shard
@@ -464,7 +464,7 @@ def resume_state(recipe: Recipe, run: Run) -> tuple[Recipe, dict[str, Any] | Non
 def load_data(recipe: Recipe, run: Run) -> TrainData:
     """The run's batches through the data path ``run.config.data_path`` resolves to."""
     path = resolve_data_path(run.config.data_path, run.device)
-    data = device_data(recipe, run) if path == "device" else loader_data(recipe, run)
+    data = device_resident_data(recipe, run) if path == "device" else loader_data(recipe, run)
     if data.steps == 0:
         raise DataError("the training split is empty")
     return data
