@@ -234,3 +234,23 @@ def test_the_steps_one_at_a_time(color_folder, tmp_path):
     assert row["epoch"] == 2 and confusion.sum() == 10
     progress = Progress()
     assert final_confusion(learner, data, run, progress).sum() == 10 and 0 <= progress.test_accuracy <= 1
+
+
+def test_a_diverging_run_stops_clearly_and_keeps_its_last_good_checkpoint(color_folder, tmp_path, monkeypatch):
+    from explainkit.errors import ExplainkitError
+    from explainkit.training import trainer
+
+    real = trainer.train_one_epoch
+    calls = []
+
+    def nan_in_the_second_epoch(*args, **kwargs):
+        totals = real(*args, **kwargs)
+        calls.append(1)
+        return totals._replace(loss=float("nan")) if len(calls) == 2 else totals
+
+    monkeypatch.setattr(trainer, "train_one_epoch", nan_in_the_second_epoch)
+    out = tmp_path / "run"
+    with pytest.raises(ExplainkitError, match=r"training diverged: epoch 2's loss is nan; stopped \(.*last.ckpt keeps epoch 1\)"):
+        train(_recipe(epochs=3), TrainConfig(out, data_dir=color_folder, workers=0, progress=False))
+    assert load_checkpoint(out / "last.ckpt")["epoch"] == 1
+    assert not (out / "model.pt").exists()

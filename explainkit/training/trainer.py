@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import datetime
+import math
 import random
 import sys
 import time
@@ -564,7 +565,9 @@ def run_epochs(recipe: Recipe, learner: Learner, data: TrainData, run: Run, prog
     """The remaining epochs; rank 0 logs each and checkpoints after it."""
     started = time.perf_counter()
     for epoch in range(progress.epoch, recipe.epochs):
-        row, progress.confusion = run_epoch(learner, data, run, epoch, recipe.epochs)
+        row, confusion = run_epoch(learner, data, run, epoch, recipe.epochs)
+        check_finite_loss(row, run, progress)  # before anything is saved: the last good checkpoint stays
+        progress.confusion = confusion
         progress.history.append(row)
         progress.epoch = epoch + 1
         if run.ctx.is_main:
@@ -577,6 +580,22 @@ def run_epochs(recipe: Recipe, learner: Learner, data: TrainData, run: Run, prog
         run.ctx.barrier()
     progress.seconds = time.perf_counter() - started
     return progress
+
+
+def check_finite_loss(row: dict[str, float], run: Run, progress: Progress) -> None:
+    """Stop with a clear error when an epoch's training loss is NaN or Inf (it diverged): the
+    sums are already all-reduced, so every rank stops alike; ``last.ckpt`` keeps the last good epoch."""
+    if math.isfinite(row["train_loss"]):
+        return
+    kept = (
+        f"{run.checkpoint_path} keeps epoch {progress.epoch}"
+        if progress.epoch and run.checkpoint_path.exists()
+        else "no epoch finished, nothing was saved"
+    )
+    raise ExplainkitError(
+        f"training diverged: epoch {row['epoch']}'s loss is {row['train_loss']}; stopped ({kept}); "
+        "try a lower lr= (then resume=True continues from the kept epoch)"
+    )
 
 
 def final_confusion(learner: Learner, data: TrainData, run: Run, progress: Progress) -> torch.Tensor:
