@@ -7,6 +7,7 @@ import torch
 from pytorch_grad_cam.utils.svd_on_activations import get_2d_projection
 
 from explainkit.explainers.eigen import EigenCAM
+from explainkit.targets import ClassScores
 from tests.conftest import correlation
 
 
@@ -14,7 +15,7 @@ from tests.conftest import correlation
 def test_projection_matches_pytorch_grad_cam_up_to_sign(random_model, images, layer_name):
     """Before ReLU (pytorch-grad-cam's sign is LAPACK's, ours is corrected): |corr| per map > 0.99."""
     explainer = EigenCAM(random_model, layer_name)
-    ours, _, _ = explainer.compute(images, None)  # (N, h, w) projections, pre-ReLU
+    ours = explainer.compute(images, ClassScores()).raw  # (N, h, w) projections, pre-ReLU
     captured = {}
     handle = random_model.get_submodule(layer_name).register_forward_hook(lambda m, i, o: captured.update(a=o.detach()))
     with torch.no_grad():

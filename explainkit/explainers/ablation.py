@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import warnings
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -12,7 +13,6 @@ import torch.nn.functional as F
 
 from explainkit.explainers.perturbation import AboveLayer, LayerPass, PerturbationCAM
 from explainkit.models.layouts import Layout
-from explainkit.models.outputs import logits_of
 from explainkit.models.split import SplitError, split_at_layer
 
 ABLATION_OFFSET = 1e7  # pytorch-grad-cam's value below the minimum for layers with negative outputs
@@ -54,7 +54,7 @@ class AblationCAM(PerturbationCAM):
         except SplitError as error:
             self.split_problem = str(error)
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, AboveLayer | None]:
+    def forward(self, images: torch.Tensor) -> tuple[Any, torch.Tensor, AboveLayer | None]:
         if self.split is None:
             self._warn_full_forwards(self.split_problem)
             return super().forward(images)
@@ -65,8 +65,8 @@ class AblationCAM(PerturbationCAM):
             self._warn_full_forwards("what the part above the layer reads from below it is not per image")
             return super().forward(images)
 
-        def run_above(layer_outputs: torch.Tensor, owners: torch.Tensor) -> torch.Tensor:
-            return logits_of(above(layer_outputs, *(value[owners] for value in side)))
+        def run_above(layer_outputs: torch.Tensor, owners: torch.Tensor) -> Any:
+            return above(layer_outputs, *(value[owners] for value in side))
 
         return run_above(output, torch.arange(len(images), device=images.device)), output, run_above
 
@@ -91,25 +91,26 @@ class AblationCAM(PerturbationCAM):
             shape[axis] = c
             ablate = F.one_hot(channels, c).bool().view(shape)  # each pair's channel, along the layout's channel axis
             ablated = torch.where(ablate, fill[owners].view([-1] + [1] * (output.ndim - 1)), output[owners])
-            scores.append(above(ablated, owners).float())
+            scores.append(run.scores(above(ablated, owners), owners))
         return torch.cat(scores).view(n, c, -1)
 
     def _full_forwards(self, images: torch.Tensor) -> AboveLayer:
         """``above`` by running the whole model with the layer's output replaced by a hook."""
         thread = threading.get_ident()
 
-        def run_above(layer_outputs: torch.Tensor, owners: torch.Tensor) -> torch.Tensor:
+        def run_above(layer_outputs: torch.Tensor, owners: torch.Tensor) -> Any:
             def replace(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor | None:
                 return layer_outputs if threading.get_ident() == thread else None
 
             handle = self.layer.register_forward_hook(replace)
             try:
-                return logits_of(self.model(images[owners]))
+                return self.model(images[owners])
             finally:
                 handle.remove()
 
         return run_above
 
-    def weights_from_scores(self, scores: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        original = logits[:, None, :]  # (N, 1, K)
-        return (original - scores) / original
+    def weights_from_scores(self, scores: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+        original = reference[:, None, :]  # (N, 1, J)
+        # A zero reference (a padding box, an empty region) has no drop to measure: weight 0.
+        return torch.where(original != 0, (original - scores) / torch.where(original != 0, original, 1), 0)

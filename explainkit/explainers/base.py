@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Protocol, Sequence, Union
+from typing import Protocol
 
 import torch
 import torch.nn as nn
@@ -20,10 +20,18 @@ import torch.nn.functional as F
 from explainkit.errors import ExplainkitError
 from explainkit.models.layers import resolve_layer
 from explainkit.models.modes import evaluation_mode
-
-Targets = Union[None, int, str, Sequence[int], torch.Tensor, tuple[str, int]]
-ALL = "all"
-TOPK = "topk"
+from explainkit.targets import (
+    ALL,
+    TOPK,
+    BoundTarget,
+    Target,
+    Targets,
+    as_target,
+    bound_classes,
+    class_sets,
+    parse_topk,
+    resolve_targets,
+)
 
 
 class ExplainerFn(Protocol):
@@ -37,90 +45,49 @@ class ExplainerFn(Protocol):
 
 
 @dataclass
+class Computed:
+    """What :meth:`Explainer.compute` returns.
+
+    raw: ``(N, h, w)`` maps for one score per image or ``(N, J, h, w)`` for ``J``, at any resolution.
+    target: the target bound to the unperturbed forward (:meth:`~explainkit.targets.Target.bind`).
+    scores: that forward's target scores, ``(N,)`` or ``(N, J)``.
+    """
+
+    raw: torch.Tensor
+    target: BoundTarget
+    scores: torch.Tensor
+
+
+@dataclass
 class Explanation:
     """What one explainer call produced.
 
-    maps: float32 on the images' device, ``(N, H, W)`` for single targets, ``(N, K, H, W)``
-        for ``targets="all"`` and ``(N, J, H, W)`` for top-k and class sets.
-    logits: the model's ``(N, K)`` output for the images.
-    targets: the class indices explained: ``(N,)``, ``(N, J)`` for top-k and class sets, ``None`` for ``"all"``.
+    maps: float32 on the images' device, ``(N, H, W)`` for one score per image, ``(N, K, H, W)``
+        for ``targets="all"`` and ``(N, J, H, W)`` for top-k, class sets and targets with ``J``
+        scores per image (boxes, labels). Padding columns (:attr:`valid` ``False``) are zero.
+    logits: the model's ``(N, K)`` output for classifiers; ``None`` for other outputs.
+    targets: the class indices explained: ``(N,)``, ``(N, J)`` for top-k and class sets, ``None``
+        for ``"all"`` and for targets that are not classes.
+    scores: the target's scores on the unperturbed forward, ``(N,)`` or ``(N, J)``.
+    target: the bound target (its ``details`` hold boxes, masks, references for figures).
     """
 
     maps: torch.Tensor
-    logits: torch.Tensor
+    logits: torch.Tensor | None
     targets: torch.Tensor | None
+    scores: torch.Tensor | None = None
+    target: BoundTarget | None = None
 
     @property
     def probabilities(self) -> torch.Tensor:
+        if self.logits is None:
+            raise ExplainkitError("this model's output has no class logits, so no probabilities")
         return self.logits.float().softmax(dim=1)
 
-
-def parse_topk(targets: object) -> int | None:
-    """``k`` for a top-k request (``("topk", k)`` or ``"topk:k"``), else ``None``."""
-    if isinstance(targets, tuple) and len(targets) == 2 and targets[0] == TOPK:
-        k = targets[1]
-    elif isinstance(targets, str) and targets.startswith(TOPK + ":"):
-        k = targets.split(":", 1)[1]
-    else:
-        return None
-    try:
-        value = int(k)
-    except (TypeError, ValueError):
-        raise ExplainkitError(f"top-k targets need an integer k, e.g. ('topk', 5) or 'topk:5'; got {targets!r}") from None
-    if value < 1:
-        raise ExplainkitError(f"top-k targets need k >= 1, got {value}")
-    return value
-
-
-def resolve_targets(targets: Targets, logits: torch.Tensor) -> torch.Tensor | str:
-    """Turn the user's ``targets`` into class indices on the logits' device.
-
-    Returns ``"all"``, an ``(N,)`` long tensor (one class per image) or an ``(N, J)`` one (several
-    classes per image): for top-k (``("topk", k)`` / ``"topk:k"``) each image's ``k`` most
-    probable classes, most probable first, or the rows of an ``(N, J)`` tensor/nested list given.
-    ``None`` means each image's predicted class. Targets must have one row per image (a short list
-    is an error, never a silently truncated batch).
-    """
-    n, num_classes = logits.shape
-    if isinstance(targets, torch.Tensor) and targets.is_inference():
-        targets = targets.clone()  # made under inference_mode: unusable where autograd records
-    if targets is None:
-        return logits.argmax(dim=1)
-    k = parse_topk(targets)
-    if k is not None:
-        return logits.topk(min(k, num_classes), dim=1).indices
-    if isinstance(targets, str):
-        if targets != ALL:
-            raise ExplainkitError(f"targets must be None, an int, a sequence of ints, 'all' or 'topk:K', not {targets!r}")
-        return ALL
-    if isinstance(targets, bool):
-        raise ExplainkitError("targets must be class indices, not a bool")
-    if isinstance(targets, int) or (isinstance(targets, torch.Tensor) and targets.ndim == 0):
-        index = int(targets)
-        if not 0 <= index < num_classes:
-            raise ExplainkitError(f"target class {index} is out of range for a model with {num_classes} classes")
-        return torch.full((n,), index, dtype=torch.long, device=logits.device)
-    tensor = torch.as_tensor(targets, device=logits.device)
-    if tensor.ndim not in (1, 2) or tensor.shape[0] != n or tensor.dtype.is_floating_point or tensor.numel() == 0:
-        raise ExplainkitError(
-            f"targets must hold one integer class per image ({n},) or a row of classes per image ({n}, J); "
-            f"got shape {tuple(tensor.shape)}"
-        )
-    tensor = tensor.long()
-    # One host sync to validate user input: a bad index would otherwise surface as a cryptic
-    # device-side assert.
-    low, high = torch.aminmax(tensor)
-    if int(low) < 0 or int(high) >= num_classes:
-        raise ExplainkitError(f"target classes must lie in [0, {num_classes - 1}], got {int(low)}..{int(high)}")
-    return tensor
-
-
-def class_sets(resolved: torch.Tensor | str, logits: torch.Tensor) -> torch.Tensor | None:
-    """``(N, J)``: the classes each image is explained for when there are several (``"all"``:
-    every class, top-k: its ``k``); ``None`` for one target per image."""
-    if isinstance(resolved, str):
-        return torch.arange(logits.shape[1], device=logits.device).expand(logits.shape[0], -1)
-    return resolved if resolved.ndim == 2 else None
+    @property
+    def valid(self) -> torch.Tensor | None:
+        """``(N, J)`` bool: which columns are real (``None``: all)."""
+        return None if self.target is None else self.target.valid
 
 
 def normalize_maps(maps: torch.Tensor) -> torch.Tensor:
@@ -206,8 +173,10 @@ class Explainer(ABC):
 
     ``targets`` is ``None`` (each image's predicted class), an ``int``, a sequence or tensor of
     ``N`` ints, ``"all"`` (every class, maps shaped ``(N, K, H, W)``), ``("topk", k)`` /
-    ``"topk:k"`` (each image's ``k`` most probable classes, ``(N, k, H, W)``) or an ``(N, J)``
-    tensor of classes per image (``(N, J, H, W)``).
+    ``"topk:k"`` (each image's ``k`` most probable classes, ``(N, k, H, W)``), an ``(N, J)``
+    tensor of classes per image (``(N, J, H, W)``), or a target object from
+    :mod:`explainkit.targets` (segmentation regions, detected boxes, multi-label, similarity, a
+    class against its look-alikes) or a plain callable ``fn(output) -> (N,) or (N, J) scores``.
     """
 
     #: human-readable name for titles and tables; subclasses override.
@@ -221,24 +190,71 @@ class Explainer(ABC):
         return self.explain(images, targets, normalize=normalize).maps
 
     def explain(self, images: torch.Tensor, targets: Targets = None, normalize: bool = True) -> Explanation:
-        """Like calling the explainer, but also returns the logits and the targets explained."""
+        """Like calling the explainer, but also returns the logits, the target and its scores."""
         check_images(images)
         images = as_model_dtype(images, self.model)
         if images.is_inference():  # e.g. a batch prepared under inference_mode
             images = images.clone()
         with evaluation_mode(self.model):
-            raw, logits, resolved = self.compute(images, targets)
+            computed = _as_computed(self.compute(images, as_target(targets)), self.name)
+        bound, raw = computed.target, computed.raw
+        if bound.valid is not None and raw.ndim == 4:  # padding columns: zero maps, not noise
+            raw = raw * bound.valid[:, : raw.shape[1], None, None].to(raw.dtype)
         maps = postprocess(raw, (images.shape[-2], images.shape[-1]), normalize)
-        return Explanation(maps, logits.detach(), None if isinstance(resolved, str) else resolved)
+        classes = bound.classes if isinstance(bound.classes, torch.Tensor) else None
+        return Explanation(maps, bound.logits, classes, computed.scores.detach(), bound)
 
     @abstractmethod
-    def compute(self, images: torch.Tensor, targets: Targets) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | str]:
-        """Return ``(raw_maps, logits, resolved_targets)`` for a batch, the model already in eval mode.
+    def compute(self, images: torch.Tensor, target: Target) -> Computed:
+        """The raw maps of a batch for ``target`` (not yet bound), the model already in eval mode.
 
-        ``raw_maps`` is ``(N, h, w)`` for one target per image, or ``(N, J, h, w)`` where
-        :func:`class_sets` gives ``(N, J)`` classes (``"all"``, top-k), at any resolution; the base
-        applies ReLU, upsampling and scaling. ``resolved_targets`` comes from :func:`resolve_targets`.
+        Bind the target to the unperturbed forward's output (``bound = target.bind(output)``),
+        score it (``bound(output)``: ``(N,)`` or ``(N, J)``) and return :class:`Computed`;
+        ``raw`` is ``(N, h, w)`` or ``(N, J, h, w)`` at any resolution; the base applies ReLU,
+        upsampling and scaling. (A ``(raw, logits, resolved_classes)`` tuple, the contract before
+        target objects, is still accepted from class-only plugins.)
         """
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(layer={self.layer_name!r})"
+
+
+def _as_computed(result: Computed | tuple, name: str) -> Computed:
+    """``result``, or the ``(raw, logits, resolved)`` of a class-only plugin as :class:`Computed`."""
+    if isinstance(result, Computed):
+        return result
+    if isinstance(result, tuple) and len(result) == 3 and isinstance(result[1], torch.Tensor):
+        raw, logits, resolved = result
+        bound = bound_classes(resolved, logits.detach())
+        return Computed(raw, bound, bound(logits))
+    raise ExplainkitError(f"explainer {name!r}: compute() returned {type(result).__name__}, not Computed")
+
+
+def class_target(target: Target, logits: torch.Tensor, method: str) -> torch.Tensor | str:
+    """The classes of a class target (for methods that explain class logits only), resolved on
+    ``logits``; any other target is a one-line error naming the method."""
+    from explainkit.targets import ClassScores
+
+    if not isinstance(target, ClassScores):
+        raise ExplainkitError(f"{method} explains class scores only; it cannot take {target!r}")
+    return resolve_targets(target.classes, logits)
+
+
+__all__ = [
+    "ALL",
+    "TOPK",
+    "Computed",
+    "Explainer",
+    "ExplainerFn",
+    "Explanation",
+    "Targets",
+    "as_model_dtype",
+    "check_images",
+    "class_sets",
+    "class_target",
+    "normalize_maps",
+    "parse_topk",
+    "postprocess",
+    "resolve_targets",
+    "upsample_bilinear",
+]

@@ -5,9 +5,10 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from explainkit.explainers.base import Explainer, Targets, class_sets, resolve_targets
+from explainkit.explainers.base import Computed, Explainer
 from explainkit.explainers.gradient import forward_with_activations
 from explainkit.models.layouts import Layout, resolve_layout
+from explainkit.targets import Target
 
 
 class EigenCAM(Explainer):
@@ -35,8 +36,8 @@ class EigenCAM(Explainer):
         super().__init__(model, layer)
         self.layout = layout
 
-    def compute(self, images: torch.Tensor, targets: Targets):
-        logits, output = forward_with_activations(self.model, self.layer, self.layer_name, images)
+    def compute(self, images: torch.Tensor, target: Target) -> Computed:
+        model_output, output = forward_with_activations(self.model, self.layer, self.layer_name, images)
         layout = resolve_layout(self.layout, output, images, self.model, self.layer_name)
         activations = torch.nan_to_num(layout.to_channels_first(output.float()))  # (N, C, h, w)
         flat = activations.flatten(2).transpose(1, 2)  # (N, hw, C)
@@ -46,8 +47,8 @@ class EigenCAM(Explainer):
         extremes = projection.flatten(1)
         flip = extremes.amin(dim=1).abs() > extremes.amax(dim=1).abs()
         projection = torch.where(flip[:, None, None], -projection, projection)
-        resolved = resolve_targets(targets, logits)
-        classes = class_sets(resolved, logits)
-        if classes is not None:  # "all" or top-k: class-agnostic, the same map for every class
-            return projection[:, None].expand(-1, classes.shape[1], -1, -1), logits, resolved
-        return projection, logits, resolved
+        bound = target.bind(model_output)
+        scores = bound(model_output).detach()
+        if scores.ndim == 2:  # "all", top-k, boxes...: class-agnostic, the same map for every column
+            return Computed(projection[:, None].expand(-1, scores.shape[1], -1, -1), bound, scores)
+        return Computed(projection, bound, scores)

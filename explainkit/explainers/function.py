@@ -16,8 +16,9 @@ import torch
 import torch.nn as nn
 
 from explainkit.errors import ExplainkitError
-from explainkit.explainers.base import Explainer, ExplainerFn, Targets, class_sets, resolve_targets
+from explainkit.explainers.base import Computed, Explainer, ExplainerFn, class_sets, class_target
 from explainkit.models.outputs import logits_of
+from explainkit.targets import Target, bound_classes
 
 
 class FunctionExplainer(Explainer):
@@ -38,10 +39,10 @@ class FunctionExplainer(Explainer):
         self.layer_name = getattr(fn, "layer_name", None) or layer_name  # type: ignore[assignment]
         self.layer = None  # type: ignore[assignment]
 
-    def compute(self, images: torch.Tensor, targets: Targets) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | str]:
+    def compute(self, images: torch.Tensor, target: Target) -> Computed:
         with torch.no_grad():
             logits = logits_of(self.model(images))
-        resolved = resolve_targets(targets, logits)
+        resolved = class_target(target, logits, f"explainer {self.name!r} (a plain function of class indices)")
         classes = class_sets(resolved, logits)
         columns = [resolved] if classes is None else list(classes.T)
         maps = []
@@ -55,7 +56,8 @@ class FunctionExplainer(Explainer):
                 )
             maps.append(produced)
         raw = maps[0] if classes is None else torch.stack(maps, dim=1)
-        return raw, logits, resolved
+        bound = bound_classes(resolved, logits)
+        return Computed(raw, bound, bound(logits))
 
 
 def function_factory(name: str, factory: Callable[..., Any]) -> Callable[..., Explainer]:

@@ -14,16 +14,16 @@ from __future__ import annotations
 import threading
 import warnings
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from explainkit.errors import ExplainkitError
-from explainkit.explainers.base import ALL, Explainer, Targets, class_sets, resolve_targets
+from explainkit.explainers.base import ALL, Computed, Explainer
 from explainkit.models.layouts import Layout, resolve_layout
-from explainkit.models.outputs import logits_of
+from explainkit.targets import Target
 
 
 @contextmanager
@@ -71,14 +71,14 @@ def layer_output_as_leaf(layer: nn.Module, *, gradients: bool = True) -> Iterato
 
 def forward_with_activations(
     model: nn.Module, layer: nn.Module, layer_name: str, images: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(logits, the layer's detached output)`` from one forward without autograd (for methods
-    that need activations only: EigenCAM, Score-CAM)."""
+) -> tuple[Any, torch.Tensor]:
+    """``(the model's output, the layer's detached output)`` from one forward without autograd
+    (for methods that need activations only: EigenCAM, Score-CAM)."""
     with torch.no_grad(), layer_output_as_leaf(layer, gradients=False) as captured:
-        logits = logits_of(model(images))
+        output = model(images)
     if "activations" not in captured:
         raise ExplainkitError(f"layer {layer_name!r} did not run in the model's forward pass")
-    return logits, captured["activations"]
+    return output, captured["activations"]
 
 
 class GradientCAM(Explainer):
@@ -139,49 +139,57 @@ class GradientCAM(Explainer):
             return torch.einsum("...nc,nchw->...nhw", weights, activations)
         return self.contributions(activations, gradients).sum(dim=-3)
 
-    def compute(self, images: torch.Tensor, targets: Targets):
+    def compute(self, images: torch.Tensor, target: Target) -> Computed:
         autocast = torch.autocast(images.device.type, dtype=self.autocast, enabled=self.autocast is not None)
         with layer_output_as_leaf(self.layer) as captured, autocast:
-            logits = logits_of(self.model(images))
-        if "activations" not in captured:
-            raise ExplainkitError(f"layer {self.layer_name!r} did not run in the model's forward pass")
+            output = self.model(images)
+            if "activations" not in captured:
+                raise ExplainkitError(f"layer {self.layer_name!r} did not run in the model's forward pass")
+            bound = target.bind(output)
+            scores = bound(output)  # (N,) or (N, J), recorded by autograd from the layer up
         leaf = captured["activations"]  # the layer's own layout: (N, C, h, w), (N, h, w, C) or (N, L, C)
         layout = resolve_layout(self.layout, leaf, images, self.model, self.layer_name)
         activations = layout.to_channels_first(leaf.detach().float())  # (N, C, h, w), prefix tokens dropped
-        resolved = resolve_targets(targets, logits)
-        num_classes = logits.shape[1]
-        classes = class_sets(resolved, logits)  # (N, J) for "all" and top-k
-        if classes is None:
-            grad_outputs = F.one_hot(resolved, num_classes).to(logits.dtype)  # type: ignore[arg-type]
-            (gradients,) = torch.autograd.grad(logits, leaf, grad_outputs)
-            return self._cam(activations, layout.to_channels_first(gradients.float())), logits, resolved  # (N, h, w)
-        # Several classes per image: batched backwards over the class dimension, class_chunk
-        # classes at a time so 1000-class models stay within bounded memory.
+        if scores.ndim == 1:
+            gradients = _gradients(scores, leaf, torch.ones_like(scores))
+            return Computed(self._cam(activations, layout.to_channels_first(gradients.float())), bound, scores)  # (N, h, w)
+        # Several scores per image (every class, top-k, boxes, labels): batched backwards over the
+        # columns, class_chunk at a time so 1000-class models stay within bounded memory.
         cams = []
-        columns = classes.shape[1]
+        columns = scores.shape[1]
+        basis = torch.eye(columns, dtype=scores.dtype, device=scores.device)
         for start in range(0, columns, self.class_chunk):
-            chunk = classes[:, start : start + self.class_chunk].T  # (J', N)
-            grad_outputs = F.one_hot(chunk, num_classes).to(logits.dtype)  # (J', N, K)
+            chunk = basis[start : start + self.class_chunk, None, :].expand(-1, scores.shape[0], -1)  # (J', N, J)
             last = start + self.class_chunk >= columns
-            gradients = _batched_gradients(logits, leaf, grad_outputs, retain_graph=not last)
+            gradients = _batched_gradients(scores, leaf, chunk, retain_graph=not last)
             cams.append(self._cam(activations, layout.to_channels_first(gradients.float())))  # (J', N, h, w)
-        return torch.cat(cams).transpose(0, 1), logits, resolved  # (N, J, h, w)
+        return Computed(torch.cat(cams).transpose(0, 1), bound, scores)  # (N, J, h, w)
+
+
+def _gradients(scores: torch.Tensor, leaf: torch.Tensor, grad_outputs: torch.Tensor, retain_graph: bool = False) -> torch.Tensor:
+    """``d(scores . grad_outputs)/d leaf``; zeros when the scores do not depend on the layer (a
+    detector that lost every box, a constant user target)."""
+    if not scores.requires_grad:
+        return torch.zeros_like(leaf)
+    (gradients,) = torch.autograd.grad(scores, leaf, grad_outputs, retain_graph=retain_graph, allow_unused=True)
+    return torch.zeros_like(leaf) if gradients is None else gradients
 
 
 def _batched_gradients(
-    logits: torch.Tensor, activations: torch.Tensor, grad_outputs: torch.Tensor, retain_graph: bool = False
+    scores: torch.Tensor, activations: torch.Tensor, grad_outputs: torch.Tensor, retain_graph: bool = False
 ) -> torch.Tensor:
+    if not scores.requires_grad:
+        return activations.new_zeros(grad_outputs.shape[0], *activations.shape)
     try:
-        (gradients,) = torch.autograd.grad(logits, activations, grad_outputs, is_grads_batched=True, retain_graph=retain_graph)
-        return gradients
-    except RuntimeError as exc:  # an op without a batching rule: fall back to one backward per class
-        warnings.warn(f"batched gradients unavailable ({exc}); computing classes one by one", RuntimeWarning, stacklevel=3)
+        (gradients,) = torch.autograd.grad(
+            scores, activations, grad_outputs, is_grads_batched=True, retain_graph=retain_graph, allow_unused=True
+        )
+        return activations.new_zeros(grad_outputs.shape[0], *activations.shape) if gradients is None else gradients
+    except RuntimeError as exc:  # an op without a batching rule: fall back to one backward per column
+        warnings.warn(f"batched gradients unavailable ({exc}); computing columns one by one", RuntimeWarning, stacklevel=3)
         last = grad_outputs.shape[0] - 1
         return torch.stack(
-            [
-                torch.autograd.grad(logits, activations, g, retain_graph=retain_graph or k < last)[0]
-                for k, g in enumerate(grad_outputs)
-            ]
+            [_gradients(scores, activations, g, retain_graph=retain_graph or k < last) for k, g in enumerate(grad_outputs)]
         )
 
 

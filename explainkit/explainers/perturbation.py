@@ -12,36 +12,42 @@ from __future__ import annotations
 
 from abc import abstractmethod
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn as nn
 
 from explainkit.errors import ExplainkitError
-from explainkit.explainers.base import Explainer, Targets, class_sets, resolve_targets
+from explainkit.explainers.base import Computed, Explainer
 from explainkit.explainers.gradient import forward_with_activations
 from explainkit.models.layouts import Layout, resolve_layout
+from explainkit.targets import BoundTarget, Target
 
-AboveLayer = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+AboveLayer = Callable[[torch.Tensor, torch.Tensor], Any]
 
 
 @dataclass
 class LayerPass:
     """One batch's unperturbed forward, as a perturbation method sees it.
 
-    images: the input ``(N, C_in, H, W)``. logits: the model's ``(N, K)`` scores.
+    images: the input ``(N, C_in, H, W)``. target: the target bound to the unperturbed forward.
     output: the layer's output in its own layout. layout: how ``output`` maps to channels-first.
     activations: ``(N, C, h, w)`` float32. above: when the method ran the model as two parts
-    (:mod:`explainkit.models.split`), ``above(layer_outputs, owners) -> logits`` runs only the part
-    above the layer for layer outputs of the images ``owners``; else ``None``.
+    (:mod:`explainkit.models.split`), ``above(layer_outputs, owners) -> model output`` runs only
+    the part above the layer for layer outputs of the images ``owners``; else ``None``.
     """
 
     images: torch.Tensor
-    logits: torch.Tensor
+    target: BoundTarget
     output: torch.Tensor
     layout: Layout
     activations: torch.Tensor
     above: AboveLayer | None = None
+
+    def scores(self, model_output: Any, owners: torch.Tensor) -> torch.Tensor:
+        """``(M, J)``: the target's scores for perturbed forwards of the images ``owners``."""
+        scores = self.target(model_output, owners).float()
+        return scores[:, None] if scores.ndim == 1 else scores
 
 
 class PerturbationCAM(Explainer):
@@ -65,11 +71,11 @@ class PerturbationCAM(Explainer):
         self.batch_size = batch_size
         self.layout = layout
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, AboveLayer | None]:
-        """``(logits, layer output, above)`` of the unperturbed forward, without autograd
+    def forward(self, images: torch.Tensor) -> tuple[Any, torch.Tensor, AboveLayer | None]:
+        """``(model output, layer output, above)`` of the unperturbed forward, without autograd
         (``above`` as in :class:`LayerPass`; the base runs the whole model: ``None``)."""
-        logits, output = forward_with_activations(self.model, self.layer, self.layer_name, images)
-        return logits, output, None
+        output, activations = forward_with_activations(self.model, self.layer, self.layer_name, images)
+        return output, activations, None
 
     def pair_chunks(self, images: int, channels: int, device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """``(image index, channel index)`` tensors for chunks of ``batch_size`` of the ``images x
@@ -81,24 +87,22 @@ class PerturbationCAM(Explainer):
 
     @abstractmethod
     def channel_scores(self, run: LayerPass) -> torch.Tensor:
-        """``(N, C, K)``: the model's scores for every class with each channel's perturbation."""
+        """``(N, C, J)``: the target's ``J`` scores with each channel's perturbation
+        (:meth:`LayerPass.scores` of each chunk's output)."""
 
     @abstractmethod
-    def weights_from_scores(self, scores: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        """``(N, C, K)`` channel weights from the perturbed ``scores (N, C, K)`` and the
-        unperturbed ``logits (N, K)``."""
+    def weights_from_scores(self, scores: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+        """``(N, C, J)`` channel weights from the perturbed ``scores (N, C, J)`` and the
+        unperturbed ``reference (N, J)``."""
 
-    def compute(self, images: torch.Tensor, targets: Targets):
+    def compute(self, images: torch.Tensor, target: Target) -> Computed:
         with torch.no_grad():
-            logits, output, above = self.forward(images)
+            model_output, output, above = self.forward(images)
             layout = resolve_layout(self.layout, output, images, self.model, self.layer_name)
             activations = layout.to_channels_first(output.float())  # (N, C, h, w)
-            resolved = resolve_targets(targets, logits)
-            scores = self.channel_scores(LayerPass(images, logits, output, layout, activations, above))
-            weights = self.weights_from_scores(scores, logits.float())  # (N, C, K)
-        classes = class_sets(resolved, logits)  # every class or top-k: all from the same perturbed forwards
-        if classes is None:
-            chosen = weights.gather(2, resolved.view(-1, 1, 1).expand(-1, weights.shape[1], 1)).squeeze(2)  # type: ignore[union-attr]
-            return torch.einsum("nc,nchw->nhw", chosen, activations), logits, resolved
-        chosen = weights.gather(2, classes[:, None, :].expand(-1, weights.shape[1], -1))  # (N, C, J)
-        return torch.einsum("ncj,nchw->njhw", chosen, activations), logits, resolved
+            bound = target.bind(model_output)
+            reference = bound(model_output)  # (N,) or (N, J): every column from the same perturbed forwards
+            scores = self.channel_scores(LayerPass(images, bound, output, layout, activations, above))
+            weights = self.weights_from_scores(scores, reference.float().view(len(images), -1))  # (N, C, J)
+        maps = torch.einsum("ncj,nchw->njhw", weights, activations)
+        return Computed(maps[:, 0] if reference.ndim == 1 else maps, bound, reference)

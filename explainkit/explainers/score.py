@@ -6,7 +6,6 @@ import torch
 import torch.nn.functional as F
 
 from explainkit.explainers.perturbation import LayerPass, PerturbationCAM
-from explainkit.models.outputs import logits_of
 
 
 class ScoreCAM(PerturbationCAM):
@@ -21,7 +20,7 @@ class ScoreCAM(PerturbationCAM):
     (pytorch-grad-cam's formulation: raw logits, softmax over channels, ``1e-8`` in the scaling.)
 
     Cost: one full forward per channel per image (512 at ResNet18's ``layer4``) and no backward.
-    Those masked forwards give every class's score at once, so ``targets="all"`` costs about what
+    Those masked forwards give every class's (box's, label's) score at once, so ``targets="all"`` costs about what
     one target costs (pytorch-grad-cam repeats them per target). Masked images are built and run
     in chunks of ``batch_size`` on the images' device, so memory stays bounded. Prefer it where
     gradients are unreliable (saturated or noisy); it is the slowest method here.
@@ -41,8 +40,8 @@ class ScoreCAM(PerturbationCAM):
             high = masks.amax(dim=(-2, -1), keepdim=True)
             masks = (masks - low) / (high - low + 1e-8)
             with torch.inference_mode():  # no autograd bookkeeping at all for these forwards
-                scores.append(logits_of(self.model(images[owners] * masks)).float())
+                scores.append(run.scores(self.model(images[owners] * masks), owners))
         return torch.cat(scores).view(n, c, -1).clone()  # a normal tensor again
 
-    def weights_from_scores(self, scores: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    def weights_from_scores(self, scores: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
         return scores.softmax(dim=1)

@@ -27,7 +27,6 @@ from explainkit.explainers.base import (
     TOPK,
     Explainer,
     Explanation,
-    class_sets,
     evaluation_mode,
     parse_topk,
 )
@@ -127,10 +126,9 @@ def _summary(meta: dict[str, Any], explainers: dict[str, Explainer], images: int
 
 def _shown_classes(result: Explanation) -> torch.Tensor | None:
     """The ``(N, J)`` classes of a multi-class explanation; ``None`` when it covers every class."""
-    if result.targets is None:
+    if result.targets is None or result.targets.ndim != 2:
         return None
-    classes = class_sets(result.targets, result.logits)
-    return None if classes is None else classes.cpu()
+    return result.targets.cpu()
 
 
 def _stack(dataset: Dataset, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:

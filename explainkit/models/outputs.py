@@ -39,3 +39,23 @@ class LogitsOnly(torch.nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return logits_of(self.model(images))
+
+
+def describe_output(output: Any) -> str:
+    """A model's output in words, for errors: "a (2, 10) tensor", "a list of 2 dicts with keys
+    boxes, labels, scores", "a dict with 'out' (2, 21, 64, 64)"."""
+    if isinstance(output, torch.Tensor):
+        return f"a {tuple(output.shape)} tensor"
+    if isinstance(output, dict):
+        parts = [
+            f"{key!r} {tuple(value.shape)}" if isinstance(value, torch.Tensor) else repr(key) for key, value in output.items()
+        ]
+        return f"a dict with {', '.join(parts[:6])}"
+    if isinstance(output, (list, tuple)):
+        kinds = {type(item).__name__ for item in output}
+        if output and all(isinstance(item, dict) for item in output):
+            return f"a {type(output).__name__} of {len(output)} dicts with keys {', '.join(map(str, output[0]))}"
+        if len(output) and all(isinstance(item, torch.Tensor) for item in output):
+            return f"a {type(output).__name__} of tensors starting with {tuple(output[0].shape)}"
+        return f"a {type(output).__name__} of {len(output)} ({', '.join(sorted(kinds))})"
+    return f"a {type(output).__name__}"
