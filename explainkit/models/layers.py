@@ -6,12 +6,15 @@ that its parent iterates child by child (torchvision's MaxViT ``blocks``, timm's
 ``stages``) never runs as a module, and a hook on it would never fire. The rules, in order:
 
 1. a layer measured for the model card's architecture (ResNet18-CIFAR: ``layer3``);
-2. plain vision transformers (every block norm outputs the same token sequence): the last block's
+2. detectors and segmenters whose ``backbone`` returns a dict of levels (torchvision's FPN,
+   ``IntermediateLayerGetter`` and SSD feature extractors; a CAM needs one tensor): the deepest
+   backbone output that every level is built from (:func:`_backbone_of_levels`);
+3. plain vision transformers (every block norm outputs the same token sequence): the last block's
    first norm, whose patch tokens still map to the image (pytorch-grad-cam's advice);
-3. timm models: the last stage that timm declares in ``model.feature_info``;
-4. a last stage by its conventional name (torchvision's ``layer4``, ``features``, ``trunk_output``...)
+4. timm models: the last stage that timm declares in ``model.feature_info``;
+5. a last stage by its conventional name (torchvision's ``layer4``, ``features``, ``trunk_output``...)
    or Hugging Face's ``encoder.stages``;
-5. anything else: the last module to finish in the forward whose output is a feature map, which
+6. anything else: the last module to finish in the forward whose output is a feature map, which
    for a multi-branch network (GoogLeNet, Inception) is the last block, not one of its branches.
 """
 
@@ -44,6 +47,8 @@ BLOCK_NORMS = ("ln_1", "norm1", "layernorm_before", "norm_out")  # norm_out: TNT
 FALLBACK_INPUT_SIZE = 224
 # Pooling only shrinks the map before it: never a default layer of its own.
 _POOLS = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.AvgPool2d, nn.MaxPool2d)
+# How the trace records a module that returns a dict (an FPN's or IntermediateLayerGetter's levels).
+_DICTS = ("OrderedDict", "dict")
 
 Shape = tuple[int, ...]
 
@@ -55,11 +60,15 @@ class LayerTrace:
     input_size: the ``(C, H, W)`` it ran on. outputs: each submodule's output shape (a tuple) or
     the type name of a non-tensor output, in the order the modules *finished*; a submodule the
     forward never called is absent. error: why the forward failed (then ``outputs`` is empty).
+    resized: the ``(H, W)`` batch a detector's own transform made of the image (torchvision's
+    ``GeneralizedRCNNTransform`` resizes to ``min_size`` and pads; SSD's squashes to a square), which
+    its feature maps follow; ``None`` when the model runs on the image as given.
     """
 
     input_size: tuple[int, int, int]
     outputs: dict[str, Shape | str]
     error: str | None = None
+    resized: tuple[int, int] | None = None
 
     def ran(self, name: str) -> bool:
         return name in self.outputs
@@ -70,14 +79,14 @@ class LayerTrace:
         shape = self.outputs.get(name)
         if not isinstance(shape, tuple) or len(shape) not in (3, 4) or shape[0] != 1:
             return None
+        height, width = self.resized or self.input_size[1:]
         try:
-            layout = infer_layout(shape, self.input_size[1:], model, name)
+            layout = infer_layout(shape, (height, width), model, name)
         except LayerNotFoundError:
             return None
         if layout.kind == "tokens":
             return layout.describe()
         rows, cols = shape[1:3] if layout.kind == "nhwc" else shape[2:]
-        height, width = self.input_size[1:]
         # a map of the image has more than one position and the image's aspect ratio (to a cell);
         # attention internals such as (1, heads, tokens, dim) do not
         if rows * cols <= 1 or abs(rows - cols * height / width) > 1:
@@ -126,12 +135,16 @@ def trace_layers(model: nn.Module, input_size: tuple[int, int, int] | None = Non
     if cached is not None and cached[0] == key:
         return cached[1]
     outputs: dict[str, Shape | str] = {}
+    resized: list[tuple[int, int]] = []
     owner = threading.get_ident()
 
     def recorder(name: str):
         def record(module: nn.Module, inputs: tuple, output: object) -> None:
             if threading.get_ident() == owner and name not in outputs:  # the first call of a shared module
                 outputs[name] = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+                batch = _resized_batch(output)
+                if batch is not None and not resized:
+                    resized.append(batch)
 
         return record
 
@@ -149,17 +162,29 @@ def trace_layers(model: nn.Module, input_size: tuple[int, int, int] | None = Non
     finally:
         for handle in handles:
             handle.remove()
-    trace = LayerTrace(size, outputs, error)  # type: ignore[arg-type]
+    trace = LayerTrace(size, outputs, error, resized[0] if resized and not error else None)  # type: ignore[arg-type]
     with _TRACE_LOCK:
         _TRACES[model] = (key, trace)
     return trace
 
 
-def _listed(name: str, module: nn.Module, everything: bool) -> bool:
-    """Stages, blocks and block norms (depth <= 2 and transformer block norms); all with ``everything``."""
+def _resized_batch(output: object) -> tuple[int, int] | None:
+    """``(H, W)`` of the batch in a torchvision detector's transform output ``(ImageList, targets)``."""
+    if not isinstance(output, tuple) or not output:
+        return None
+    tensors, sizes = getattr(output[0], "tensors", None), getattr(output[0], "image_sizes", None)
+    if isinstance(tensors, torch.Tensor) and tensors.ndim == 4 and isinstance(sizes, list):
+        return int(tensors.shape[-2]), int(tensors.shape[-1])
+    return None
+
+
+def _listed(name: str, trace: LayerTrace, everything: bool) -> bool:
+    """Stages, blocks and block norms (depth <= 2, transformer block norms, and the stages of a
+    backbone that returns a dict of levels); all with ``everything``."""
     if everything:
         return True
-    return name.count(".") <= 1 or name.rsplit(".", 1)[-1] in BLOCK_NORMS
+    parent = name.rpartition(".")[0]
+    return name.count(".") <= 1 or name.rsplit(".", 1)[-1] in BLOCK_NORMS or trace.outputs.get(parent) in _DICTS
 
 
 def layer_table(model: nn.Module, input_size: tuple[int, int, int], everything: bool = False) -> list[dict[str, str]]:
@@ -171,8 +196,8 @@ def layer_table(model: nn.Module, input_size: tuple[int, int, int], everything: 
     if trace.error is not None:
         raise LayerNotFoundError(f"the model's forward on a 1x{'x'.join(map(str, input_size))} batch failed: {trace.error}")
     rows = []
-    for name, module in model.named_modules():
-        if not name or not (_listed(name, module, everything) or name == default):
+    for name, _ in model.named_modules():
+        if not name or not (_listed(name, trace, everything) or name == default):
             continue
         shape = trace.outputs.get(name)
         if shape is None:
@@ -220,12 +245,8 @@ def _transformer_default(model: nn.Module, trace: LayerTrace) -> str | None:
     return norms[-1]
 
 
-def _last_run_within(trace: LayerTrace, model: nn.Module, name: str) -> str | None:
-    """``name`` if the forward ran it and it is a feature map. A container the forward never ran
-    (its parent calls its children one by one) stands for its last child that ran and is a
-    feature map. ``None`` otherwise."""
-    if trace.ran(name):
-        return name if trace.reading(model, name) is not None else None
+def _last_map_child(trace: LayerTrace, model: nn.Module, name: str) -> str | None:
+    """The last direct child of ``name`` that ran and whose output is a feature map."""
     depth = name.count(".") + 1
     children = [
         other
@@ -233,6 +254,15 @@ def _last_run_within(trace: LayerTrace, model: nn.Module, name: str) -> str | No
         if other.startswith(name + ".") and other.count(".") == depth and trace.reading(model, other)
     ]
     return children[-1] if children else None
+
+
+def _last_run_within(trace: LayerTrace, model: nn.Module, name: str) -> str | None:
+    """``name`` if the forward ran it and it is a feature map. A container the forward never ran
+    (its parent calls its children one by one) stands for its last child that ran and is a
+    feature map. ``None`` otherwise."""
+    if trace.ran(name):
+        return name if trace.reading(model, name) is not None else None
+    return _last_map_child(trace, model, name)
 
 
 def _class_token_norm(model: nn.Module, trace: LayerTrace, name: str) -> str | None:
@@ -249,6 +279,53 @@ def _class_token_norm(model: nn.Module, trace: LayerTrace, name: str) -> str | N
     # a final norm after the last block (CrossViT, TNT) has no norm inside: the last block's anywhere
     found = inside or norms
     return found[-1] if found else None
+
+
+def _backbone_of_levels(model: nn.Module, trace: LayerTrace) -> tuple[str, str] | None:
+    """Detectors and segmenters whose ``model.backbone`` returns a dict of levels, which a CAM
+    cannot use: the deepest backbone output (a plain ``(N, C, h, w)`` tensor) every level is built from.
+
+    * an FPN over ``backbone.body`` (torchvision's Faster/Mask R-CNN, RetinaNet, FCOS): the body's
+      last stage (``backbone.body.layer4``, the last MobileNet block), which the FPN's top-down path
+      adds into every level;
+    * SSD's feature extractors (``backbone.features`` then ``backbone.extra``): the source of the
+      first, finest level (VGG's conv4_3 ``backbone.features``; SSDLite's ``backbone.features.0``),
+      from which every coarser level is computed: a later layer gets no gradient from the detections
+      of the levels before it;
+    * an ``IntermediateLayerGetter`` itself (FCN, DeepLabV3, LR-ASPP): its last stage that ran, the
+      one the classifier reads (``backbone.layer4``; ``backbone.16`` for MobileNet).
+    """
+    if trace.outputs.get("backbone") not in _DICTS:
+        return None
+    backbone = model.get_submodule("backbone")
+    unusable = "a dict of levels, which a CAM cannot use"
+    if isinstance(getattr(backbone, "body", None), nn.Module) and trace.outputs.get("backbone.body") in _DICTS:
+        found = _last_map_child(trace, model, "backbone.body")
+        if found is not None:
+            return (
+                found,
+                f"the last stage of the detector's backbone: its FPN returns {unusable}, and adds this stage into every level",
+            )
+    if isinstance(getattr(backbone, "features", None), nn.Module) and isinstance(getattr(backbone, "extra", None), nn.Module):
+        found = _first_level_source(model, trace)
+        if found is not None:
+            return (
+                found,
+                f"the source of SSD's first, finest level, which every coarser level is computed from: its backbone returns {unusable}",
+            )
+    found = _last_map_child(trace, model, "backbone")
+    if found is not None:
+        return found, f"the last stage of the backbone: it returns {unusable}"
+    return None
+
+
+def _first_level_source(model: nn.Module, trace: LayerTrace) -> str | None:
+    """SSD's ``backbone.features`` when it runs as one module (VGG), else its first child that gives
+    a feature map (SSDLite runs its two halves of MobileNet one by one and keeps both outputs)."""
+    if trace.reading(model, "backbone.features"):
+        return "backbone.features"
+    maps = [name for name in trace.outputs if name.rpartition(".")[0] == "backbone.features" and trace.reading(model, name)]
+    return maps[0] if maps else None
 
 
 def _timm_stage(model: nn.Module, trace: LayerTrace) -> tuple[str, str] | None:
@@ -314,6 +391,9 @@ def default_layer_and_reason(model: nn.Module) -> tuple[str, str]:
     trace = trace_layers(model)
     if trace.error is not None:
         return _untraced_default(model, trace)
+    levels = _backbone_of_levels(model, trace)
+    if levels is not None:
+        return levels
     transformer = _transformer_default(model, trace)
     if transformer is not None:
         return transformer, "vision transformer: the last block's first norm (its patch tokens still map to the image)"

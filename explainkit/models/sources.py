@@ -1,5 +1,7 @@
 """Any image classifier from a model spec: ``torchvision:NAME``, ``timm:NAME``, ``hf:DIR`` or
 ``package.module:callable``, with its class names and preprocessing read from the library.
+``torchvision:`` also names torchvision's detectors and segmenters (``fasterrcnn_resnet50_fpn``,
+``deeplabv3_resnet50``...), built offline when no weights are asked for (no ImageNet backbone either).
 
 :func:`load_spec` returns the model in eval mode with a :class:`~explainkit.models.card.ModelCard` as
 ``model.card`` (like :func:`explainkit.models.load_model`), so everything downstream (explain,
@@ -11,11 +13,13 @@ Where each piece comes from, first match wins:
   is read off its classifier), ``weights="DEFAULT"`` (the library's pretrained weights; needs the
   network the first time), else random initialisation (with a warning);
 * class names: ``classes`` (a list, or a file with one name per line), then the model's metadata
-  (torchvision's ImageNet ``categories``, Hugging Face ``id2label``, timm's ImageNet info), then
+  (torchvision's ImageNet, COCO or VOC ``categories``, Hugging Face ``id2label``, timm's ImageNet info), then
   ``class_0, class_1, ...``;
 * preprocessing: explicit ``image_size``/``mean``/``std``, then a model card beside the weights,
   then the library's (torchvision weight transforms, timm's data config, the Hugging Face image
   processor saved with the model, else its config's image size), then 224x224 with ImageNet statistics.
+  A torchvision detector resizes and normalises inside its forward: its card asks for its own
+  ``min_size`` square and mean 0, std 1.
 """
 
 from __future__ import annotations
@@ -139,28 +143,84 @@ def _load_state(model: nn.Module, state: dict[str, torch.Tensor], spec: ModelSpe
 
 
 # --- torchvision --------------------------------------------------------------------------------
+# torchvision's model modules a spec may name; detection and segmentation builders take weights_backbone.
+TORCHVISION_TASKS = ("classification", "detection", "segmentation")
+
+
+def _torchvision_task(name: str) -> str | None:
+    """Which of :data:`TORCHVISION_TASKS` torchvision's model ``name`` is, ``None`` when it has no such model."""
+    import torchvision
+
+    for task in TORCHVISION_TASKS:
+        module = torchvision.models if task == "classification" else getattr(torchvision.models, task)
+        if name in torchvision.models.list_models(module=module):
+            return task
+    return None
+
+
+def _torchvision_preprocessing(enum: Any, model: nn.Module) -> Preprocessing | None:
+    """The weights' eval transform: a classifier's resize + centre crop, a segmenter's shorter side
+    (as a square crop); a detector resizes and normalises inside its forward (``model.transform``), so
+    it gets its own ``min_size`` square and no normalisation here."""
+    transform = enum.transforms() if enum is not None else None
+    crop, resize = getattr(transform, "crop_size", None), getattr(transform, "resize_size", None)
+    size: Sequence[int] | None = crop or resize
+    if getattr(transform, "mean", None) is not None and size:
+        return Preprocessing(
+            size=(int(size[0]), int(size[-1])),
+            mean=tuple(transform.mean),  # type: ignore[union-attr]
+            std=tuple(transform.std),  # type: ignore[union-attr]
+            resize=int(resize[0]) if resize else None,
+            interpolation=str(transform.interpolation.value),  # type: ignore[union-attr]
+        )
+    min_size = getattr(getattr(model, "transform", None), "min_size", None)
+    if isinstance(min_size, (tuple, list)) and min_size:
+        side = int(min_size[-1])
+        return Preprocessing((side, side), (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+    return None
+
+
+def _torchvision_build(name: str, task: str, **kwargs: Any) -> nn.Module:
+    """Random weights, offline: detection and segmentation builders would fetch ImageNet backbone weights."""
+    import torchvision
+
+    if task != "classification":
+        kwargs.setdefault("weights_backbone", None)
+    model: nn.Module = torchvision.models.get_model(name, weights=None, **kwargs)
+    return model
+
+
+def _torchvision_fitted(spec: ModelSpec, task: str, state: dict[str, torch.Tensor]) -> nn.Module:
+    """A detector or segmenter built for the classes ``state`` was trained for. A class-dependent
+    tensor's first dimension is ``a * K + b`` for K classes (``a`` anchors per position, say): two
+    probes with 2 and 3 classes give ``a`` and ``b``; an auxiliary classifier in ``state`` is built too."""
+    kwargs: dict[str, Any] = {"aux_loss": True} if any(key.startswith("aux_classifier.") for key in state) else {}
+    two = _torchvision_build(spec.name, task, num_classes=2, **kwargs).state_dict()
+    three = _torchvision_build(spec.name, task, num_classes=3, **kwargs).state_dict()
+    varying = [key for key, tensor in two.items() if key in state and three[key].shape != tensor.shape]
+    if varying:
+        step = three[varying[0]].shape[0] - two[varying[0]].shape[0]
+        classes, rest = divmod(state[varying[0]].shape[0] - (two[varying[0]].shape[0] - 2 * step), step)
+        if not rest and classes > 0:
+            kwargs["num_classes"] = classes
+    return _torchvision_build(spec.name, task, **kwargs)
+
+
 def _torchvision(spec: ModelSpec, weights: str | None) -> tuple[nn.Module, list[str] | None, Preprocessing | None]:
     import torchvision
 
-    if spec.name not in torchvision.models.list_models(module=torchvision.models):
-        raise ModelSpecError(f"torchvision has no classification model {spec.name!r} (see torchvision.models.list_models())")
+    task = _torchvision_task(spec.name)
+    if task is None:
+        raise ModelSpecError(
+            f"torchvision has no classification model {spec.name!r}, nor a detection or segmentation one "
+            "(see torchvision.models.list_models())"
+        )
     try:
         enum = torchvision.models.get_model_weights(spec.name).DEFAULT
     except (ValueError, AttributeError, KeyError):
         enum = None
+    # ImageNet's, COCO's (91, with __background__ and N/A) or VOC's (21) names: meta, no download
     categories = list(enum.meta.get("categories") or []) if enum is not None else []
-    preprocessing = None
-    if enum is not None:
-        transform = enum.transforms()
-        crop, resize = getattr(transform, "crop_size", None), getattr(transform, "resize_size", None)
-        if crop:
-            preprocessing = Preprocessing(
-                size=(int(crop[0]), int(crop[-1])),
-                mean=tuple(transform.mean),
-                std=tuple(transform.std),
-                resize=int(resize[0]) if resize else None,
-                interpolation=str(transform.interpolation.value),
-            )
     if weights == DEFAULT_WEIGHTS:
         if enum is None:
             raise CheckpointError(f"torchvision has no pretrained weights for {spec.name!r}")
@@ -169,15 +229,21 @@ def _torchvision(spec: ModelSpec, weights: str | None) -> tuple[nn.Module, list[
                 model = torchvision.models.get_model(spec.name, weights=enum)
         except Exception as error:  # URLError, socket.timeout, HTTPError, ...
             raise _offline_error(spec, error) from None
-        return model, categories, preprocessing
+        return model, categories, _torchvision_preprocessing(enum, model)
     if weights is None:
-        return torchvision.models.get_model(spec.name, weights=None), categories, preprocessing
+        model = _torchvision_build(spec.name, task)
+        return model, categories, _torchvision_preprocessing(enum, model)
     state = _read_weights(weights)
-    probe = torchvision.models.get_model(spec.name, weights=None)
-    num_classes = _classifier_outputs(state, probe) or 1000
-    model = probe if num_classes == 1000 else torchvision.models.get_model(spec.name, weights=None, num_classes=num_classes)
-    _load_state(model, state, spec, weights)
-    return model, categories if len(categories) == num_classes else None, preprocessing
+    if task != "classification":
+        model = _torchvision_fitted(spec, task, state)
+        _load_state(model, state, spec, weights)
+        num_classes = _num_classes(model, (64, 64))  # a detector's without a forward
+    else:
+        probe = _torchvision_build(spec.name, task)
+        num_classes = _classifier_outputs(state, probe) or 1000
+        model = probe if num_classes == 1000 else _torchvision_build(spec.name, task, num_classes=num_classes)
+        _load_state(model, state, spec, weights)
+    return model, categories if len(categories) == num_classes else None, _torchvision_preprocessing(enum, model)
 
 
 # --- timm ---------------------------------------------------------------------------------------
@@ -309,17 +375,39 @@ def _callable(spec: ModelSpec, weights: str | None) -> tuple[nn.Module, list[str
 LOADERS = {"torchvision": _torchvision, "timm": _timm, "hf": _hf, "callable": _callable}
 
 
+def _detector_classes(model: nn.Module) -> int | None:
+    """The classes a torchvision detector scores (background included), read off its box classifier:
+    Faster/Mask R-CNN's ``cls_score``, RetinaNet's and FCOS's ``num_classes``, SSD's ``num_columns``."""
+    cls_score = getattr(getattr(getattr(model, "roi_heads", None), "box_predictor", None), "cls_score", None)
+    if isinstance(cls_score, nn.Linear):
+        return int(cls_score.out_features)
+    head = getattr(getattr(model, "head", None), "classification_head", None)
+    for attribute in ("num_classes", "num_columns"):
+        value = getattr(head, attribute, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
 def _num_classes(model: nn.Module, size: tuple[int, int], channels: int = 3) -> int:
-    """The model's output width, from one dummy forward (the only generic way across libraries)."""
+    """The model's output width, from one dummy forward (the only generic way across libraries);
+    a segmenter's ``out`` channels; a detector's box classes, read off the model without a forward."""
     from explainkit.models.outputs import logits_of
 
+    declared = _detector_classes(model)
+    if declared is not None:
+        return declared
     with torch.no_grad():
         training = model.training
         model.eval()
         try:
-            return int(logits_of(model(torch.zeros(1, channels, *size))).shape[1])
+            output = model(torch.zeros(1, channels, *size))
         finally:
             model.train(training)
+    masks = output.get("out") if isinstance(output, dict) else None  # torchvision: OrderedDict(out=..., aux=...)
+    if isinstance(masks, torch.Tensor) and masks.ndim == 4:
+        return int(masks.shape[1])
+    return int(logits_of(output).shape[1])
 
 
 def load_spec(
