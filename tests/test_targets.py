@@ -20,7 +20,6 @@ from pytorch_grad_cam.utils.model_targets import (
     FinerWeightedTarget,
     SemanticSegmentationTarget,
 )
-from torchvision.models import detection, resnet18, segmentation
 
 from explainkit.errors import ExplainkitError
 from explainkit.registry import get_explainer
@@ -34,6 +33,7 @@ from explainkit.targets import (
     as_target,
     embed,
 )
+from tests import task_models
 from tests.conftest import correlation
 
 PGC = {"gradcam": PgcGradCAM, "scorecam": PgcScoreCAM, "ablationcam": PgcAblationCAM}
@@ -75,51 +75,22 @@ def _assert_close(ours: torch.Tensor, reference: torch.Tensor) -> None:
 
 @pytest.fixture(scope="module")
 def segmenter() -> nn.Module:
-    torch.manual_seed(0)
-    model = segmentation.lraspp_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=4).eval()
-    for head in (model.classifier.low_classifier, model.classifier.high_classifier):
-        nn.init.normal_(head.weight, std=1.0)  # a random head that does not give every pixel one class
-    return model
+    return task_models.segmenter()
 
 
 @pytest.fixture(scope="module")
 def detector() -> nn.Module:
-    """A random Faster R-CNN whose maps are not all zero: its BatchNorm statistics measured on
-    random images (uninitialised, activations vanish to ~1e-12) and its class logits scaled to a
-    standard deviation of 1.5 (calibrated, they are ~30 and every softmax saturates)."""
-    torch.manual_seed(0)
-    model = detection.fasterrcnn_mobilenet_v3_large_320_fpn(
-        weights=None, weights_backbone=None, num_classes=5, box_score_thresh=0.05
-    )
-    for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            module.momentum = None  # a plain average over the calibration batches
-    model.backbone.train()
-    with torch.no_grad():
-        for _ in range(2):
-            model.backbone(torch.rand(4, 3, 320, 320))
-    model.eval()
-    seen: dict[str, torch.Tensor] = {}
-    hook = model.roi_heads.box_predictor.register_forward_hook(lambda module, inputs, output: seen.update(logits=output[0]))
-    with torch.no_grad():
-        model(torch.rand(2, 3, 64, 64))
-        hook.remove()
-        model.roi_heads.box_predictor.cls_score.weight /= seen["logits"].std() / 1.5
-    return model
+    return task_models.detector()
 
 
 @pytest.fixture(scope="module")
 def tagger() -> nn.Module:
-    torch.manual_seed(0)
-    return resnet18(weights=None, num_classes=6).eval()
+    return task_models.tagger()
 
 
 @pytest.fixture(scope="module")
 def embedder() -> nn.Module:
-    torch.manual_seed(0)
-    model = resnet18(weights=None)
-    model.fc = nn.Identity()
-    return model.eval()
+    return task_models.embedder()
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,7 @@ from explainkit.data.datasets import load_split
 from explainkit.errors import ExplainkitError
 from explainkit.jobs.explain import ExplainOptions, ExplainResult, explain_dataset, explain_images, parse_figure_targets
 from explainkit.jobs.provenance import provenance
+from explainkit.jobs.tasks import TASKS, TaskOptions, explain_task, prepare_task
 from explainkit.models.card import ModelCard
 from explainkit.models.store import load_model, model_card, newest_model, require_model_path, resnet18_cifar
 from explainkit.registry import accepts_option, get_explainer, parse_methods, require_explainer
@@ -56,11 +57,37 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--resume", action="store_true", help="continue an interrupted --save-maps run from the chunks it finished"
     )
+    _add_task_flags(parser)
     add_model_flags(parser)
     add_data_flag(parser)
     add_device_flags(parser)
     parser.add_argument("--no-train", action="store_true", help="with no model anywhere, fail instead of training a quick one")
     parser.set_defaults(run=run)
+
+
+def _add_task_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("tasks beyond classification (with --image)")
+    group.add_argument(
+        "--task",
+        choices=TASKS,
+        help="what to explain: classify, segment (a class's region), detect (each box), multilabel (each label "
+        "above --score-threshold), similarity (to --reference); default: read off the model's output",
+    )
+    group.add_argument(
+        "--class",
+        dest="class_name",
+        metavar="NAME",
+        help="segment: the class whose region is explained (default: the non-background class covering most pixels); "
+        "multilabel: explain this label only",
+    )
+    group.add_argument(
+        "--score-threshold",
+        type=float,
+        default=0.5,
+        metavar="P",
+        help="detect: boxes scoring at least P; multilabel: labels whose sigmoid exceeds P (default 0.5)",
+    )
+    group.add_argument("--reference", metavar="IMAGE", help="similarity: the image each --image is compared with")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -96,10 +123,17 @@ def run(args: argparse.Namespace) -> int:
     )
     # The inputs are read before the output folder is made: a bad file or folder leaves nothing behind.
     if args.image:
-        images = _read_images(args.image, card)
+        images = _read_images(args.image, card).to(device)
+        task_options = _task_options(args, card)
+        prepared = prepare_task(model, card, images, task_options)
+        if prepared is None and args.task is None and (args.class_name or args.reference):
+            raise ExplainkitError("--class and --reference are for tasks beyond classification; this model classifies")
         out = ensure_writable_dir(args.out)
         announce(model, args.layer)
-        result = explain_images(card, explainers, images, args.image, out, device, options)
+        if prepared is not None:
+            result = explain_task(card, explainers, images, args.image, prepared, out, task_options, options.meta)
+        else:
+            result = explain_images(card, explainers, images, args.image, out, device, options)
     else:
         dataset = load_split("test", card, args.data_dir)
         out = ensure_writable_dir(args.out)
@@ -121,9 +155,39 @@ def _check_flags(args: argparse.Namespace) -> list[str]:
         if args.bf16 and not accepts_option(require_explainer(name), "autocast"):
             raise ExplainkitError(f"--bf16 runs the gradient CAMs under autocast; {name!r} does not take it")
     parse_figure_targets(args.targets)
+    _check_task_flags(args)
     if args.resume and not args.save_maps:
         raise ExplainkitError("--resume continues a --save-maps run; add --save-maps")
     return methods
+
+
+def _check_task_flags(args: argparse.Namespace) -> None:
+    task = args.task
+    if task not in (None, "classify") and not args.image:
+        raise ExplainkitError(f"--task {task} explains image files: add --image PATH [PATH ...]")
+    if task not in (None, "classify") and args.save_maps:
+        raise ExplainkitError(f"--save-maps stores classification maps; it does not go with --task {task}")
+    if args.reference and task not in (None, "similarity"):
+        raise ExplainkitError(f"--reference is for --task similarity, not --task {task}")
+    if task == "similarity" and not args.reference:
+        raise ExplainkitError("--task similarity compares with a reference: add --reference IMAGE")
+    if args.class_name and task not in (None, "segment", "multilabel"):
+        raise ExplainkitError(f"--class names a segmentation class or a label; it does not go with --task {task}")
+    if not 0.0 < args.score_threshold < 1.0:
+        raise ExplainkitError(f"--score-threshold is a probability in (0, 1), got {args.score_threshold}")
+    if (args.class_name or args.reference) and not args.image:
+        raise ExplainkitError("--class and --reference go with --image files")
+
+
+def _task_options(args: argparse.Namespace, card: ModelCard) -> TaskOptions:
+    reference = _read_images([args.reference], card) if args.reference else None
+    return TaskOptions(
+        task=args.task,
+        class_name=args.class_name,
+        score_threshold=args.score_threshold,
+        reference=reference,
+        reference_name=Path(args.reference).name if args.reference else "reference",
+    )
 
 
 def _check_distributed(args: argparse.Namespace, ctx: DistContext) -> None:

@@ -89,7 +89,7 @@ def _floats(text: str) -> tuple[float, ...]:
 
 def add_spec_flags(parser: argparse.ArgumentParser) -> None:
     """``--model SPEC`` and what refines it."""
-    group = parser.add_argument_group("any classifier (instead of --checkpoint)")
+    group = parser.add_argument_group("any model: classifier, segmenter, detector, embedder (instead of --checkpoint)")
     group.add_argument(
         "--model",
         metavar="SPEC",

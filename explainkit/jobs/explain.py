@@ -333,7 +333,7 @@ def explain_dataset(
             "total_seconds": round(time.perf_counter() - started, 3),
         },
     )
-    return _finish(out, summary, outputs)
+    return finish_job(out, summary, outputs)
 
 
 def _store_for_scan(
@@ -453,7 +453,7 @@ def _misclassified_figure(
     return figures.save_figure(figure, out / "misclassified.png")
 
 
-def _finish(out: Path, summary: dict[str, Any], outputs: list[Path]) -> ExplainResult:
+def finish_job(out: Path, summary: dict[str, Any], outputs: list[Path]) -> ExplainResult:
     """Write ``summary.json`` and, from the folder, ``report.html``."""
     from explainkit.jobs.report import REPORT_NAME, write_report
 
@@ -525,4 +525,4 @@ def explain_images(
         ],
         timings={"total_seconds": round(time.perf_counter() - started, 3)},
     )
-    return _finish(out, summary, outputs)
+    return finish_job(out, summary, outputs)

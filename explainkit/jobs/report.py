@@ -134,6 +134,32 @@ def _explain_sections(page: _Page, folder: Path, summary: dict[str, Any]) -> Non
     for anchor, title, name, caption in figures:
         if (folder / name).is_file():
             page.add(anchor, title, _image(folder / name, title, caption, 560 if anchor == "misclassified" else None))
+    _task_sections(page, folder, summary)
+
+
+def _task_sections(page: _Page, folder: Path, summary: dict[str, Any]) -> None:
+    """``explain --task``'s figures (as its summary lists them) and what each image's maps explain."""
+    if summary.get("task"):
+        page.add("task", "Task", _pairs({key: summary[key] for key in ("task", "target", "model_output") if key in summary}))
+    for number, shown in enumerate(summary.get("figures") or []):
+        path = folder / str(shown.get("file", ""))
+        if path.is_file() and path.parent == folder:  # names from the summary: never outside the folder
+            page.add(
+                f"figure-{number}", str(shown.get("title", path.stem)), _image(path, path.stem, str(shown.get("caption", "")))
+            )
+    if summary.get("explained"):
+        rows = [(row.get("image", ""), _what(row)) for row in summary["explained"]]
+        page.add("explained", "What was explained", _table(("image", "explained"), rows))
+
+
+def _what(row: dict[str, Any]) -> str:
+    if "boxes" in row:
+        return "; ".join(f"{b['label']} {b['score']:.2f}" for b in row["boxes"]) or "no box"
+    if "labels" in row:
+        return "; ".join(f"{b['label']} p={b['probability']:.2f}" for b in row["labels"]) or "no label"
+    if "region" in row:
+        return f"{row['region']}: {row['region_pixels']} pixels"
+    return f"cosine similarity {row.get('cosine_similarity', '')}"
 
 
 def _evaluate_section(page: _Page, folder: Path, metrics: dict[str, Any]) -> None:
