@@ -175,3 +175,76 @@ def test_the_listing_endpoints(bench):
     assert "gradcam" in handlers.methods(bench)
     assert handlers.classes(bench) == list(bench.card.classes)
     assert handlers.layers(bench)[0] == bench.layer_choices()[0]
+
+
+# --- detectors and segmenters --------------------------------------------------------------------
+def _task_bench(spec: str, **preprocessing) -> Workbench:
+    with pytest.warns(RuntimeWarning, match="random weights"):
+        model = explainkit.load_spec(f"tests.task_models:{spec}", image_size=64, **preprocessing)
+    return Workbench(model, torch.device("cpu"))
+
+
+@pytest.fixture(scope="module")
+def detector_bench() -> Workbench:
+    return _task_bench("detector", mean=(0, 0, 0), std=(1, 1, 1))  # torchvision detectors normalise themselves
+
+
+@pytest.fixture(scope="module")
+def segmenter_bench() -> Workbench:
+    return _task_bench("segmenter")
+
+
+def test_a_detector_gets_its_figure_and_the_boxes(detector_bench, photo):
+    bench = detector_bench
+    assert bench.task == "detect"
+    overlays, answers = handlers.explain(bench, [photo], ["gradcam"], "", "predicted", score_threshold=0.2)
+    ((figure, caption),) = overlays
+    assert caption == "photo.png: gradcam @ default layer: detect"
+    assert figure.dtype == np.uint8 and figure.ndim == 3 and figure.shape[1] > figure.shape[0] and figure.std() > 0
+    (answer,) = answers
+    assert answer["task"] == "detect" and answer["image"] == "photo.png" and answer["key"] in bench.items
+    assert answer["boxes"] and all(box["label"] in bench.card.classes[1:] and box["score"] >= 0.2 for box in answer["boxes"])
+    assert all(len(box["box"]) == 4 for box in answer["boxes"])
+
+    result = handlers.compare(bench, CompareRequest([answer["key"]], ["gradcam"], "", score_threshold=0.2), ViewOptions())
+    assert len(result.panes) == 1 and result.top == {}
+    assert result.message.startswith(f"photo.png: {len(answer['boxes'])} boxes (")  # served from the cache
+    assert handlers.caption(bench, bench.items[answer["key"]]) == answer["key"]
+    assert handlers.per_class(bench, [answer["key"]], None, "", ViewOptions())[1].startswith("Every class is for classifiers")
+    assert handlers.faithfulness(bench, [answer["key"]], None, "")[0] is None
+
+
+def test_a_detector_that_finds_nothing_says_so_in_one_line(detector_bench, photo):
+    bench = detector_bench
+    with pytest.raises(ExplainkitError, match=r"^photo.png: the detector found nothing scoring >= 0.9999 ") as caught:
+        handlers.explain(bench, [photo], ["gradcam"], score_threshold=0.9999)
+    assert "\n" not in str(caught.value) and "--task" not in str(caught.value)
+    key = next(key for key in bench.items if key.endswith("photo.png"))
+    result = handlers.compare(bench, CompareRequest([key], ["gradcam"], "", score_threshold=0.9999), ViewOptions())
+    assert not result.panes and result.message.startswith("**photo.png: the detector found nothing scoring >= 0.9999")
+    with pytest.raises(ExplainkitError, match="a detector explains every box above score_threshold"):
+        handlers.explain(bench, [photo], target="cat")
+    with pytest.raises(ExplainkitError, match="score_threshold 1.5: give a probability"):
+        handlers.explain(bench, [photo], score_threshold=1.5)
+
+
+def test_a_segmenter_gets_its_figure_and_the_region(segmenter_bench, photo):
+    bench = segmenter_bench
+    assert bench.task == "segment"
+    overlays, answers = handlers.explain(bench, [photo], ["gradcam", "layercam"])
+    assert [caption for _, caption in overlays] == [f"photo.png: {m} @ default layer: segment" for m in ("gradcam", "layercam")]
+    assert all(picture.dtype == np.uint8 and picture.std() > 0 for picture, _ in overlays)
+    (answer,) = answers
+    assert answer["task"] == "segment" and answer["region"] in bench.card.classes[1:] and answer["region_pixels"] > 0
+
+    _, (road,) = handlers.explain(bench, [photo], ["gradcam"], target="road")
+    assert road["region"] == "road"
+    request = CompareRequest([answer["key"]], ["gradcam"], "", region="road")
+    result = handlers.compare(bench, request, ViewOptions())
+    assert len(result.panes) == 1 and result.message == f"photo.png: region road ({road['region_pixels']} pixels)"
+    with pytest.raises(ExplainkitError, match="unknown class 'wolf': choose from background, sky, road, car"):
+        handlers.explain(bench, [photo], target="wolf")
+
+
+def test_classifier_benches_stay_classifiers(bench):
+    assert bench.task == "classify" and bench.classifies

@@ -231,8 +231,40 @@ def test_api_page_lists_only_the_public_endpoints(client):
     assert set(api["named_endpoints"]) == PUBLIC and not api["unnamed_endpoints"]
     explain = api["named_endpoints"]["/explain"]
     names = [parameter["parameter_name"] for parameter in explain["parameters"]]
-    assert names == ["images", "methods", "layer", "target", "opacity", "colormap"]
+    assert names == ["images", "methods", "layer", "target", "opacity", "colormap", "score_threshold"]
     defaults = {p["parameter_name"]: p["parameter_default"] for p in explain["parameters"] if p["parameter_has_default"]}
-    assert defaults == {"methods": ["gradcam"], "layer": "", "target": "predicted", "opacity": 0.5, "colormap": "inferno"}
+    assert defaults == {
+        "methods": ["gradcam"],
+        "layer": "",
+        "target": "predicted",
+        "opacity": 0.5,
+        "colormap": "inferno",
+        "score_threshold": 0.5,
+    }
     assert all(parameter["label"].startswith(parameter["parameter_name"] + ": ") for parameter in explain["parameters"])
     assert explain["description"].startswith("Explain one or more image files")
+
+
+def test_api_explains_a_detectors_boxes(tmp_path):
+    """A served detector: /explain answers with its figure and the boxes it explained (label, score, box)."""
+    gradio_client = pytest.importorskip("gradio_client", reason="needs gradio_client (comes with gradio)")
+    import explainkit
+    from explainkit.app.ui import launch
+
+    with pytest.warns(RuntimeWarning, match="random weights"):
+        model = explainkit.load_spec("tests.task_models:detector", image_size=64, mean=(0, 0, 0), std=(1, 1, 1))
+    bench = Workbench(model, torch.device("cpu"))
+    app, url = launch(bench, "127.0.0.1", _free_port(), block=False)
+    try:
+        path = tmp_path / "street.png"
+        Image.fromarray(np.random.default_rng(3).integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(path)
+        client = gradio_client.Client(url, verbose=False)
+        figures, (answer,) = client.predict(
+            images=[gradio_client.handle_file(str(path))], score_threshold=0.2, api_name="/explain"
+        )
+        assert [pane["caption"] for pane in figures] == ["street.png: gradcam @ default layer: detect"]
+        assert np.asarray(Image.open(figures[0]["image"])).std() > 0
+        assert answer["task"] == "detect" and answer["boxes"]
+        assert all(box["label"] in model.card.classes and box["score"] >= 0.2 for box in answer["boxes"])
+    finally:
+        app.close()

@@ -20,8 +20,9 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
-from explainkit.app.workbench import COLORMAPS, Item, Target, ViewOptions, Workbench
+from explainkit.app.workbench import COLORMAPS, TASK_NAMES, Item, Target, TaskResult, ViewOptions, Workbench
 from explainkit.errors import ExplainkitError
+from explainkit.jobs.tasks import TaskOptions
 from explainkit.registry import require_explainer
 
 if TYPE_CHECKING:
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
 GALLERY_SIZE = 60
 MAX_SELECTED = 8
 ANY = "(any)"
+AUTOMATIC = "(automatic)"  # a segmenter's region: the class other than background that covers most pixels
 TARGETS = ("predicted", "true", "top-k", "class")  # the page's choices (the API's are parse_target's)
 TOP = 5  # classes in a probabilities summary
 MAX_API_IMAGES = 32
@@ -40,6 +42,8 @@ Pane = tuple[np.ndarray, str]  # a picture and its caption
 
 # --- the page ------------------------------------------------------------------------------------
 def caption(bench: Workbench, item: Item) -> str:
+    if not bench.classifies:
+        return item.key
     classes = bench.card.classes
     truth = f"true {classes[item.label]}, " if item.label is not None else ""
     return f"{item.key}: {truth}pred {classes[item.predicted]} ({item.confidence:.2f})"
@@ -99,12 +103,16 @@ def upload(bench: Workbench, files: Sequence[Any] | None, selected: Sequence[str
 @dataclass(frozen=True)
 class CompareRequest:
     """What the compare grid shows: the ``selected`` pool keys (rows), the ``methods`` (columns),
-    the ``layer`` to explain at (``""`` or None: each method's default) and the ``target`` classes."""
+    the ``layer`` to explain at (``""`` or None: each method's default) and the ``target`` classes;
+    for a detector the boxes scoring at least ``score_threshold``, for a segmenter the ``region``
+    of that class (``AUTOMATIC`` or None: the class other than background covering most pixels)."""
 
     selected: Sequence[str]
     methods: Sequence[str]
     layer: str | None = None
     target: Target = Target()
+    score_threshold: float = 0.5
+    region: str | None = None
 
 
 @dataclass
@@ -127,6 +135,8 @@ def compare(
         return Comparison(message="Select or upload at least one image first.")
     if not request.methods:
         return Comparison(message="Choose at least one method.")
+    if not bench.classifies:
+        return _compare_task(bench, request, progress)
     classes = bench.card.classes
     items = [bench.items[key] for key in request.selected]
     try:
@@ -147,10 +157,60 @@ def compare(
     return Comparison(panes, len(panes) // len(items), top_classes(bench, items[0]))  # one row per image
 
 
+def task_options(bench: Workbench, score_threshold: float = 0.5, region: str | None = None) -> TaskOptions:
+    """What a detector (boxes scoring at least ``score_threshold``) or segmenter (the ``region`` of a
+    class, ``AUTOMATIC``/None/"" for the largest one other than background) explains."""
+    if not 0 < score_threshold < 1:
+        raise ExplainkitError(f"score_threshold {score_threshold}: give a probability between 0 and 1")
+    automatic = region in (None, "", AUTOMATIC, "predicted")
+    if not automatic and region not in bench.card.classes:
+        raise ExplainkitError(f"unknown class {region!r}: choose from {', '.join(bench.card.classes)}")
+    return TaskOptions(bench.task, None if automatic else region, score_threshold)
+
+
+def describe_task(result: TaskResult) -> str:
+    """One line of what a detector's or segmenter's maps explain: the boxes, or the region."""
+    explained = result.explained
+    if "boxes" in explained:
+        boxes = ", ".join(f"{box['label']} {box['score']:.2f}" for box in explained["boxes"])
+        return f"{explained['image']}: {len(explained['boxes'])} boxes ({boxes})"
+    return f"{explained['image']}: region {explained['region']} ({explained['region_pixels']} pixels)"
+
+
+def _compare_task(bench: Workbench, request: CompareRequest, progress: Callable[..., Any] | None) -> Comparison:
+    """A detector's or segmenter's comparison: per selected image, the task's figure for each method
+    (boxes with label and score and one map per box; or the region outlined beside its map) and a
+    line per image of what was explained; an image where nothing is found gets its message."""
+    try:
+        options = task_options(bench, request.score_threshold, request.region)
+    except ExplainkitError as error:
+        return Comparison(message=f"**{error}**")
+    panes, lines = [], []
+    for count, key in enumerate(request.selected):
+        if progress is not None:
+            progress(count / len(request.selected), desc=f"{key}: {', '.join(request.methods)}")
+        for method in request.methods:
+            try:
+                result = bench.explain_task(bench.items[key], method, request.layer or None, options)
+            except ExplainkitError as error:  # e.g. a detector that finds nothing: one line, the others still shown
+                lines.append(f"**{error}**")
+                continue
+            panes.append((result.picture, f"{key}: {method} @ {request.layer or 'default layer'}"))
+            lines.append(describe_task(result))
+    unique = list(dict.fromkeys(lines))
+    return Comparison(panes, max(1, len(request.methods)), {}, "\n\n".join(unique))
+
+
+def _classifiers_only(bench: Workbench, what: str) -> str:
+    return f"{what} is for classifiers; this model {TASK_NAMES[bench.task]}: use explain"
+
+
 def per_class(
     bench: Workbench, selected: Sequence[str], methods: Sequence[str] | None, layer: str | None, view: ViewOptions
 ) -> tuple[list[Pane], str]:
     """The last selected image's map for each of its 20 most probable classes (first method), from one pass."""
+    if not bench.classifies:
+        return [], _classifiers_only(bench, "Every class")
     if not selected:
         return [], "Select an image first."
     method = first_method(methods)
@@ -171,6 +231,8 @@ def faithfulness(
     bench: Workbench, selected: Sequence[str], methods: Sequence[str] | None, layer: str | None
 ) -> tuple[Figure | None, str]:
     """Deletion and insertion curves of the last selected image (first method), as a figure and a note."""
+    if not bench.classifies:
+        return None, _classifiers_only(bench, "Faithfulness")
     if not selected:
         return None, "Select an image first."
     from matplotlib.figure import Figure
@@ -218,22 +280,26 @@ def explain(
     target: str = "predicted",
     opacity: float = 0.5,
     colormap: str = COLORMAPS[0],
+    score_threshold: float = 0.5,
 ) -> tuple[list[Pane], list[dict[str, Any]]]:
     """Explain one or more image files with one or more CAM methods. Returns the overlays (one per
     image, method and explained class, captioned "file: method @ layer: class", in that order) and,
-    per image in the order given, its top-5 class probabilities.
+    per image in the order given, its top-5 class probabilities. For a detector or a segmenter, one
+    figure per image and method instead (the boxes with label and score and one map per box, or the
+    region outlined beside its map) and, per image, what was explained.
 
     Args:
         images: one or more image files (png, jpg, bmp, gif, webp or tif; at most 10 MiB each), resized and normalised as the model was trained; at most 32 per call.
         methods: registered method names (see /methods), e.g. ["gradcam", "layercam"].
         layer: the layer to explain at (see /layers); "" for the model's default layer.
-        target: the class each map explains: "predicted", "all" (every class), "topk:K" (the K most probable, e.g. "topk:3") or a class name (see /classes).
+        target: the class each map explains: "predicted", "all" (every class), "topk:K" (the K most probable, e.g. "topk:3") or a class name (see /classes); a segmenter: the region's class ("predicted": the largest other than background); a detector: "predicted" (every box above score_threshold).
         opacity: how opaque the colour-mapped heat map is over the image, from 0 to 1.
         colormap: the heat map's colour map: inferno, viridis, magma, cividis or jet.
+        score_threshold: a detector's boxes scoring at least this are explained, between 0 and 1 (other models ignore it).
 
     Returns:
-        overlays: the images with each map blended over them (at most 256 per call).
-        probabilities: per image, {"image": file name, "key": its name in the app's pool, "predicted": class, "confidence": probability, "top": {class: probability} for the 5 most probable classes}.
+        overlays: the images with each map blended over them (at most 256 per call); a detector's or segmenter's figures.
+        probabilities: per image, {"image": file name, "key": its name in the app's pool, "predicted": class, "confidence": probability, "top": {class: probability} for the 5 most probable classes}; a detector: {"image", "key", "task": "detect", "boxes": [{"label", "score", "box"}]}; a segmenter: {"image", "key", "task": "segment", "region": class, "region_pixels": count}.
     """
     paths = [_path_of(image) for image in images or []]
     if not paths:
@@ -246,6 +312,8 @@ def explain(
     for method in chosen:
         require_explainer(method)  # an unknown name: the message lists the registered ones
     view = ViewOptions(opacity, colormap)  # checks both
+    if not bench.classifies:
+        return _explain_task(bench, paths, chosen, layer, target, score_threshold)
     asked = parse_target(bench, target)
     per_image = {"all": bench.card.num_classes, "top-k": asked.k}.get(asked.kind, 1)
     if len(paths) * len(chosen) * per_image > MAX_API_OVERLAYS:
@@ -276,6 +344,28 @@ def explain(
         for item, name in zip(items, names)
     ]
     return overlays, probabilities
+
+
+def _explain_task(
+    bench: Workbench, paths: Sequence[str], chosen: Sequence[str], layer: str | None, target: str, score_threshold: float
+) -> tuple[list[Pane], list[dict[str, Any]]]:
+    """:func:`explain` for a detector or segmenter: one figure per image and method, and per image what was explained."""
+    region = (target or "predicted").strip()
+    if bench.task == "detect" and region != "predicted":
+        raise ExplainkitError(f"target {region!r}: a detector explains every box above score_threshold; leave target predicted")
+    options = task_options(bench, score_threshold, region)
+    if len(paths) * len(chosen) > MAX_API_OVERLAYS:
+        raise ExplainkitError(f"{len(paths)} images x {len(chosen)} methods is more than {MAX_API_OVERLAYS} figures")
+    items = [bench.add_upload(path) for path in paths]
+    where = layer or "default layer"
+    overlays, answers = [], []
+    for item, path in zip(items, paths):
+        name = Path(path).name
+        for method in chosen:
+            result = bench.explain_task(item, method, layer or None, options)
+            overlays.append((result.picture, f"{name}: {method} @ {where}: {bench.task}"))
+        answers.append({**result.explained, "image": name, "key": item.key, "task": bench.task})
+    return overlays, answers
 
 
 def parse_target(bench: Workbench, target: str) -> Target:

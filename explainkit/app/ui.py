@@ -29,8 +29,8 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from explainkit.app import handlers
-from explainkit.app.handlers import ANY, TARGETS, CompareRequest
-from explainkit.app.workbench import COLORMAPS, MAX_UPLOAD_BYTES, Target, ViewOptions, Workbench
+from explainkit.app.handlers import ANY, AUTOMATIC, TARGETS, CompareRequest
+from explainkit.app.workbench import COLORMAPS, MAX_UPLOAD_BYTES, TASK_NAMES, Target, ViewOptions, Workbench
 from explainkit.errors import ExplainkitError
 
 QUEUE_SIZE = 64
@@ -99,7 +99,8 @@ class PickPanel:
 @dataclass
 class ComparePanel:
     """The page's right column: the controls of a comparison (methods, layer, target, k, class name,
-    opacity, colour map), its ``run`` button, and what it fills (``message``, ``grid``, ``top``)."""
+    opacity, colour map; a detector's score threshold, a segmenter's region class), its ``run``
+    button, and what it fills (``message``, ``grid``, ``top``)."""
 
     methods: Any
     layer: Any
@@ -112,15 +113,28 @@ class ComparePanel:
     message: Any
     grid: Any
     top: Any
+    score_threshold: Any
+    region: Any
 
     def controls(self) -> set[Any]:
         """The controls as an event's inputs: a set, so the event function gets one ``{component: value}``."""
-        return {self.methods, self.layer, self.target, self.k, self.class_name, self.opacity, self.colormap}
+        return {
+            self.methods,
+            self.layer,
+            self.target,
+            self.k,
+            self.class_name,
+            self.opacity,
+            self.colormap,
+            self.score_threshold,
+            self.region,
+        }
 
     def request(self, values: dict[Any, Any], selected: Any) -> CompareRequest:
         """The comparison the controls (and the ``selected`` state) ask for, from an event's ``values``."""
         target = Target(values[self.target], int(values[self.k]), values[self.class_name])
-        return CompareRequest(values[selected], values[self.methods], values[self.layer], target)
+        threshold, region = float(values[self.score_threshold]), values[self.region]
+        return CompareRequest(values[selected], values[self.methods], values[self.layer], target, threshold, region)
 
     def view(self, values: dict[Any, Any]) -> ViewOptions:
         return ViewOptions(values[self.opacity], values[self.colormap])
@@ -163,8 +177,9 @@ def build_app(bench: Workbench):
 # --- the page's layout: each function lays out one part and returns its components ------------------
 def _header(gr, bench: Workbench) -> None:
     card = bench.card
+    task = "" if bench.classifies else f"{TASK_NAMES[bench.task]} · "
     gr.Markdown(
-        f"## explainkit: {card.architecture}\n{card.num_classes} classes · {card.describe_preprocessing()} · "
+        f"## explainkit: {card.architecture}\n{task}{card.num_classes} classes · {card.describe_preprocessing()} · "
         f"{len(bench.items)} images in the pool"
     )
 
@@ -193,11 +208,16 @@ def _compare_panel(gr, bench: Workbench) -> ComparePanel:
     classes, layers = list(bench.card.classes), bench.layer_choices()
     gr.Markdown("### Compare")
     methods = gr.CheckboxGroup(bench.methods(), value=["gradcam"], label="methods", elem_id="methods")
+    classifies = bench.classifies  # a detector or segmenter: its own control instead of the class targets
     with gr.Row():
         layer = gr.Dropdown(layers, value=layers[0], label="layer", allow_custom_value=True)
-        target = gr.Radio(list(TARGETS), value="predicted", label="explain the class")
-        k = gr.Slider(1, min(5, len(classes)), value=3, step=1, label="k (top-k)")
-        class_name = gr.Dropdown(classes, value=classes[0], label="class (for 'class')")
+        target = gr.Radio(list(TARGETS), value="predicted", label="explain the class", visible=classifies)
+        k = gr.Slider(1, min(5, len(classes)), value=3, step=1, label="k (top-k)", visible=classifies)
+        class_name = gr.Dropdown(classes, value=classes[0], label="class (for 'class')", visible=classifies)
+        threshold = gr.Slider(
+            0.05, 0.95, value=0.5, step=0.05, label="score threshold (boxes explained)", visible=bench.task == "detect"
+        )
+        region = gr.Dropdown([AUTOMATIC, *classes], value=AUTOMATIC, label="region's class", visible=bench.task == "segment")
     with gr.Row():
         opacity = gr.Slider(0, 1, value=0.5, step=0.05, label="opacity", elem_id="opacity")
         colormap = gr.Dropdown(list(COLORMAPS), value=COLORMAPS[0], label="colour map")
@@ -212,7 +232,9 @@ def _compare_panel(gr, bench: Workbench) -> ComparePanel:
         run=gr.Button("explain", variant="primary", elem_id="explain"),
         message=gr.Markdown("", elem_id="message"),
         grid=gr.Gallery(label="images x methods (one shared [0, 1] colour scale)", columns=4, height="auto", elem_id="grid"),
-        top=gr.Label(num_top_classes=5, label="top-5 probabilities (first selected image)"),
+        top=gr.Label(num_top_classes=5, label="top-5 probabilities (first selected image)", visible=classifies),
+        score_threshold=threshold,
+        region=region,
     )
 
 
@@ -291,6 +313,7 @@ def _api_components(gr, bench: Workbench, methods: list[str]) -> None:
             gr.Textbox("predicted", label=doc["target"]),
             gr.Number(0.5, label=doc["opacity"]),
             gr.Dropdown(list(COLORMAPS), value=COLORMAPS[0], allow_custom_value=True, label=doc["colormap"]),
+            gr.Number(0.5, label=doc["score_threshold"]),
         ]
         overlays = gr.Gallery(label=doc["overlays"], format="png")  # lossless, for scripts that measure them
         probabilities = gr.JSON(label=doc["probabilities"])

@@ -21,6 +21,7 @@ from explainkit.errors import ExplainkitError, ImageReadError
 from explainkit.evaluation import metrics
 from explainkit.explainers.base import ALL, evaluation_mode
 from explainkit.figures import overlay
+from explainkit.jobs.tasks import TaskOptions, explain_one, infer_task, prepare_task
 from explainkit.models.outputs import logits_of
 from explainkit.models.store import model_card
 from explainkit.registry import get_explainer, list_explainers
@@ -28,6 +29,8 @@ from explainkit.runtime.images import read_image
 
 if TYPE_CHECKING:
     from explainkit.explainers.base import Explainer
+
+TASK_NAMES = {"classify": "classifies", "detect": "detects objects", "segment": "segments"}
 
 UPLOAD_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 MAX_UPLOAD_BYTES = 10 * 2**20
@@ -76,7 +79,17 @@ class Item:
     label: int | None  # None for uploads
     predicted: int
     confidence: float
-    probabilities: torch.Tensor  # (K,)
+    probabilities: torch.Tensor  # (K,); empty for a detector's or segmenter's uploads
+
+
+@dataclass
+class TaskResult:
+    """One image explained by one method for a detector or segmenter: the task's figure as an
+    ``(H, W, 3)`` uint8 picture and what its maps explain (``boxes``, or ``region`` and
+    ``region_pixels``, as ``summary.json``'s ``"explained"`` rows say)."""
+
+    picture: np.ndarray
+    explained: dict[str, Any]
 
 
 class Workbench:
@@ -93,10 +106,27 @@ class Workbench:
         self._lock = threading.Lock()
         self._uploads = 0
         self._max_uploads = max_uploads  # the pool keeps the most recent uploads: a long-lived server stays bounded
+        self._tasks: OrderedDict[tuple, TaskResult] = OrderedDict()
+        self.task = self._read_task()
+
+    def _read_task(self) -> str:
+        """``"classify"``, ``"detect"`` or ``"segment"``, read off one dry forward of a blank input."""
+        blank = torch.zeros(1, *self.card.input_size, device=self.device)
+        with evaluation_mode(self.model), torch.no_grad():
+            task = infer_task(self.model(blank))
+        return task if task in TASK_NAMES else "classify"
+
+    @property
+    def classifies(self) -> bool:
+        return self.task == "classify"
 
     # --- the pool ------------------------------------------------------------------------------
     def add_dataset(self, dataset: Dataset, limit: int | None = None, batch_size: int = 128) -> int:
         """Predict ``limit`` evenly spaced images of ``dataset`` (all by default) into the pool."""
+        if not self.classifies:
+            raise ExplainkitError(
+                f"the gallery shows a classifier's predictions; this model {TASK_NAMES[self.task]}: upload images"
+            )
         dataset = limit_evenly(dataset, limit)
         offset = 0
         with evaluation_mode(self.model), torch.no_grad():
@@ -128,12 +158,15 @@ class Workbench:
             raise ImageReadError(message) from None
         pixels = torch.tensor(array)  # a copy: torch warns about read-only arrays
         image = self.card.normalize(pixels.permute(2, 0, 1)[None].float().div(255))[0]
-        with evaluation_mode(self.model), torch.no_grad():
-            probabilities = logits_of(self.model(image[None].to(self.device))).float().softmax(1)[0].cpu()
+        probabilities = torch.zeros(0)
+        if self.classifies:
+            with evaluation_mode(self.model), torch.no_grad():
+                probabilities = logits_of(self.model(image[None].to(self.device))).float().softmax(1)[0].cpu()
         with self._lock:  # a unique key even for concurrent uploads: the maps cache is keyed by it
             key = f"upload/{self._uploads}/{path.name}"
             self._uploads += 1
-            item = Item(key, image, None, int(probabilities.argmax()), float(probabilities.max()), probabilities)
+            predicted, confidence = (int(probabilities.argmax()), float(probabilities.max())) if self.classifies else (0, 0.0)
+            item = Item(key, image, None, predicted, confidence, probabilities)
             self.items[key] = item
             uploads = [k for k in self.items if k.startswith("upload/")]  # insertion order: oldest first
             for old in uploads[: max(0, len(uploads) - self._max_uploads)]:
@@ -225,6 +258,35 @@ class Workbench:
             self._store(key, value)
         return every
 
+    def explain_task(self, item: Item, method: str, layer: str | None, options: TaskOptions) -> TaskResult:
+        """``item`` explained for this detector's or segmenter's task: the boxes above
+        ``options.score_threshold`` or the region of ``options.class_name`` (``None``: the class
+        other than background that covers most pixels). Cached per (image, method, layer, options);
+        a detector that finds nothing is an :class:`ExplainkitError` saying so."""
+        key = (item.key, method, layer, options.class_name, options.score_threshold)
+        with self._lock:
+            if key in self._tasks:
+                self._tasks.move_to_end(key)
+                return self._tasks[key]
+        image = item.input[None].to(self.device)
+        options = TaskOptions(self.task, options.class_name, options.score_threshold)
+        name = item.key.rsplit("/", 1)[-1]
+        try:
+            prepared = prepare_task(self.model, self.card, image, options)
+        except ExplainkitError as error:  # the CLI's wording names its flag: say it about the image instead
+            raise ExplainkitError(f"{name}: {str(error).removeprefix(f'--task {self.task}: ')}") from None
+        assert prepared is not None  # the task is never "classify" here
+        explainer = self.explainer(method, layer)
+        figure, explained = explain_one(
+            explainer, self.card, image, prepared, options, name, f"{method} at {explainer.layer_name}"
+        )
+        result = TaskResult(_rendered(figure), explained)
+        with self._lock:
+            self._tasks[key] = result
+            while len(self._tasks) > 256:
+                self._tasks.popitem(last=False)
+        return result
+
     def _cached(self, key: tuple) -> torch.Tensor | None:
         with self._lock:
             value = self._maps.get(key)
@@ -274,3 +336,13 @@ class Workbench:
     @staticmethod
     def methods() -> list[str]:
         return list_explainers()
+
+
+def _rendered(figure: Any) -> np.ndarray:
+    """A matplotlib figure as an ``(H, W, 3)`` uint8 picture (its own Agg canvas: no pyplot state)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(figure)
+    canvas.draw()
+    picture: np.ndarray = np.asarray(canvas.buffer_rgba())[..., :3].copy()
+    return picture

@@ -233,3 +233,20 @@ def _explained(prepared: PreparedTask, result: Explanation, names: Sequence[str]
             row["cosine_similarity"] = round(float(result.scores[i]), 4)
         rows.append(row)
     return rows
+
+
+def explain_one(
+    explainer: Explainer,
+    card: ModelCard,
+    image: torch.Tensor,
+    prepared: PreparedTask,
+    options: TaskOptions,
+    name: str,
+    title: str,
+) -> tuple[Any, dict[str, Any]]:
+    """One preprocessed ``(1, C, H, W)`` image (on the model's device) explained for ``prepared``'s
+    target with one method: the task's figure (as :func:`explain_task` draws it) and the row of
+    ``summary.json``'s ``"explained"`` that says what its maps explain (the web app shows both)."""
+    result = explainer.explain(image, prepared.target)
+    pictures = card.denormalize(image.cpu()).clamp(0, 1)
+    return _figure(prepared, pictures, result, card, options, title), _explained(prepared, result, [name], card)[0]
