@@ -42,7 +42,9 @@ def run(args: argparse.Namespace) -> int:
     device = select_device(args.device)
     model = load_model_from_flags(args, device)
     bench = Workbench(model, device)
-    if data_dir_from_env(args.data_dir) is not None:
+    if bench.task != "classify":  # the test-split gallery shows a classifier's predictions
+        print(f"explainkit serve: a {bench.task} model: upload images in the page (no test-split gallery)", file=sys.stderr)
+    elif data_dir_from_env(args.data_dir) is not None:
         split = load_split("test", bench.card, args.data_dir, download=False)
         count = bench.add_dataset(split, args.limit, args.batch_size)
         print(f"explainkit serve: {count} test images predicted for the gallery", file=sys.stderr)
