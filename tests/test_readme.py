@@ -103,3 +103,25 @@ def test_command_plugin_example_runs(fresh_plugins, capsys):
     fresh_plugins.register(_example("command-example", "count_plugin"), name="count_plugin")
     assert main(["count-methods"]) == 0
     assert capsys.readouterr().out.strip() == str(len(explainkit.list_explainers()))
+
+
+def test_task_examples_run():
+    from tests import task_models
+
+    code = re.search(r"<!-- task-examples -->\s*```python\n(.*?)```", README, re.S).group(1)
+    torch.manual_seed(0)
+    names = {
+        "segmenter": task_models.segmenter(),
+        "detector": task_models.detector(),
+        "tagger": task_models.tagger(),
+        "embedder": task_models.embedder(),
+        "images": torch.rand(2, 3, 64, 64),
+        "reference": torch.rand(1, 3, 64, 64),
+    }
+    exec(compile(code, "README.md:task-examples", "exec"), names)
+    assert names["region"].maps.shape == names["region"].target.details["mask"].shape == (2, 64, 64)
+    boxes = names["boxes"]
+    assert boxes.maps.ndim == 4 and boxes.maps.shape[1] == boxes.target.details["boxes"].shape[1] >= 1
+    assert names["tags"].maps.shape[:2] == names["tags"].valid.shape
+    assert names["alike"].scores.shape == (2,) and names["finer"].maps.shape == (2, 64, 64)
+    assert names["mine"].maps.shape == (2, 64, 64) and bool((names["mine"].maps.amax(dim=(1, 2)) > 0).all())

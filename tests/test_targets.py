@@ -304,3 +304,17 @@ def test_mask_from_numpy_is_accepted(segmenter, pictures):
     with torch.no_grad():
         output = segmenter(pictures)
     assert SegmentationRegion(2, torch.from_numpy(mask)).bind(output)(output).shape == (2,)
+
+
+def test_own_target_example_in_the_docs_runs(segmenter, pictures):
+    import re
+    from pathlib import Path
+
+    page = (Path(__file__).parents[1] / "docs" / "tasks.md").read_text()
+    code = re.search(r"<!-- own-target-example -->\s*```python\n(.*?)```", page, re.S).group(1)
+    names = {"segmenter": segmenter, "images": pictures}
+    exec(compile(code, "docs/tasks.md:own-target-example", "exec"), names)
+    assert names["peak"].maps.shape == names["region"].maps.shape == (2, 64, 64)
+    with torch.no_grad():
+        out = segmenter(pictures)["out"]
+    assert torch.allclose(names["region"].scores, out[:, 2, 16:48, 16:48].sum(dim=(1, 2)), rtol=1e-4)
