@@ -72,9 +72,11 @@ def infer_task(output: Any, has_reference: bool = False) -> str:
     """The task a model's output suggests (see :class:`TaskOptions`)."""
     if isinstance(output, (list, tuple)) and output and all(isinstance(item, dict) and "boxes" in item for item in output):
         return "detect"
-    if (isinstance(output, dict) and "out" in output) or (isinstance(output, torch.Tensor) and output.ndim == 4):
+    try:
+        segmentation_logits(output)  # (N, K, H, W), {"out": ...} or a Hugging Face output's 4-D .logits
         return "segment"
-    return "similarity" if has_reference else "classify"
+    except ExplainkitError:
+        return "similarity" if has_reference else "classify"
 
 
 def _class_index(card: ModelCard, name: str, what: str) -> int:
