@@ -151,3 +151,45 @@ def test_a_task_that_does_not_fit_the_model_says_what_it_returns(files, tmp_path
     )
     assert "but the model returns a (1, 6) tensor" in capsys.readouterr().err
     assert not out.exists()
+
+
+@pytest.fixture(scope="module")
+def hf_models(tmp_path_factory):
+    transformers = pytest.importorskip("transformers")
+    folder = tmp_path_factory.mktemp("hf")
+    torch.manual_seed(0)
+    labels = {0: "background", 1: "cat", 2: "dog"}
+    segformer = transformers.SegformerConfig(
+        num_encoder_blocks=2,
+        depths=[1, 1],
+        sr_ratios=[2, 1],
+        hidden_sizes=[16, 32],
+        patch_sizes=[7, 3],
+        strides=[4, 2],
+        num_attention_heads=[1, 2],
+        decoder_hidden_size=32,
+        num_labels=3,
+        id2label=labels,
+        label2id={v: k for k, v in labels.items()},
+        image_size=64,
+    )
+    transformers.SegformerForSemanticSegmentation(segformer).save_pretrained(folder / "segformer")
+    vit = transformers.ViTConfig(
+        image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64
+    )
+    transformers.ViTModel(vit).save_pretrained(folder / "vit")
+    return folder
+
+
+def test_hugging_face_segmenter_and_embedder_end_to_end(hf_models, files, tmp_path):
+    seg = tmp_path / "seg"
+    assert main(["explain", "--model", f"hf:{hf_models / 'segformer'}", "--image", *files, "--out", str(seg)]) == 0
+    summary = json.loads((seg / "summary.json").read_text())
+    assert summary["task"] == "segment" and summary["model_output"].startswith("a SemanticSegmenterOutput")
+    # the decode head returns the logits themselves: the default is the fused features before them
+    assert summary["layer"]["gradcam"] == "decode_head.dropout"
+    alike = tmp_path / "alike"
+    flags = ["--model", f"hf:{hf_models / 'vit'}", "--reference", files[0], "--image", *files, "--out", str(alike)]
+    assert main(["explain", *flags]) == 0
+    explained = json.loads((alike / "summary.json").read_text())["explained"]
+    assert explained[0]["cosine_similarity"] == pytest.approx(1.0, abs=1e-4)

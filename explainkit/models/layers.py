@@ -63,12 +63,15 @@ class LayerTrace:
     resized: the ``(H, W)`` batch a detector's own transform made of the image (torchvision's
     ``GeneralizedRCNNTransform`` resizes to ``min_size`` and pads; SSD's squashes to a square), which
     its feature maps follow; ``None`` when the model runs on the image as given.
+    final: the submodules whose output *is* the model's output tensor (a segmenter's decode head
+    returning its logits): a map of them weighs the class scores by themselves, so no default.
     """
 
     input_size: tuple[int, int, int]
     outputs: dict[str, Shape | str]
     error: str | None = None
     resized: tuple[int, int] | None = None
+    final: frozenset[str] = frozenset()
 
     def ran(self, name: str) -> bool:
         return name in self.outputs
@@ -135,6 +138,7 @@ def trace_layers(model: nn.Module, input_size: tuple[int, int, int] | None = Non
     if cached is not None and cached[0] == key:
         return cached[1]
     outputs: dict[str, Shape | str] = {}
+    storage: dict[str, int] = {}  # each tensor output's data pointer, to find the model's own output
     resized: list[tuple[int, int]] = []
     owner = threading.get_ident()
 
@@ -142,6 +146,8 @@ def trace_layers(model: nn.Module, input_size: tuple[int, int, int] | None = Non
         def record(module: nn.Module, inputs: tuple, output: object) -> None:
             if threading.get_ident() == owner and name not in outputs:  # the first call of a shared module
                 outputs[name] = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+                if isinstance(output, torch.Tensor):
+                    storage[name] = output.data_ptr()
                 batch = _resized_batch(output)
                 if batch is not None and not resized:
                     resized.append(batch)
@@ -152,20 +158,32 @@ def trace_layers(model: nn.Module, input_size: tuple[int, int, int] | None = Non
     device = parameter.device if parameter is not None else torch.device("cpu")
     dtype = parameter.dtype if parameter is not None and parameter.dtype.is_floating_point else torch.float32
     handles = [module.register_forward_hook(recorder(name)) for name, module in named]
-    error = None
+    error, final = None, frozenset[str]()
     try:
         with evaluation_mode(model), torch.no_grad():
-            model(torch.zeros(1, *size, device=device, dtype=dtype))
+            result = model(torch.zeros(1, *size, device=device, dtype=dtype))
+        pointer = _output_pointer(result)
+        final = frozenset(name for name, value in storage.items() if value == pointer)
     except Exception as exc:  # noqa: BLE001 - any model's failure becomes the trace's error
         outputs.clear()
         error = f"{type(exc).__name__}: {first_line(exc)}"
     finally:
         for handle in handles:
             handle.remove()
-    trace = LayerTrace(size, outputs, error, resized[0] if resized and not error else None)  # type: ignore[arg-type]
+    trace = LayerTrace(size, outputs, error, resized[0] if resized and not error else None, final)  # type: ignore[arg-type]
     with _TRACE_LOCK:
         _TRACES[model] = (key, trace)
     return trace
+
+
+def _output_pointer(output: object) -> int | None:
+    """The data pointer of a model's output tensor (a tensor, or a dict's / ModelOutput's 4-D
+    ``out``/``logits``: a segmenter's), else ``None``."""
+    if isinstance(output, dict):
+        output = output.get("out", output.get("logits"))
+        if not (isinstance(output, torch.Tensor) and output.ndim == 4):
+            return None
+    return output.data_ptr() if isinstance(output, torch.Tensor) else None
 
 
 def _resized_batch(output: object) -> tuple[int, int] | None:
@@ -361,7 +379,11 @@ def _named_stage(model: nn.Module, trace: LayerTrace) -> tuple[str, str] | None:
 def _last_feature_map(model: nn.Module, trace: LayerTrace) -> tuple[str, str] | None:
     """The last module to finish whose output is a feature map (pooling layers aside)."""
     modules = dict(model.named_modules())
-    maps = [name for name in trace.outputs if not isinstance(modules[name], _POOLS) and trace.reading(model, name)]
+    maps = [
+        name
+        for name in trace.outputs
+        if not isinstance(modules[name], _POOLS) and name not in trace.final and trace.reading(model, name)
+    ]
     if not maps:
         return None
     return maps[-1], "the last module whose output is a feature map (no known stage or transformer block)"

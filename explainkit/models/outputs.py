@@ -50,7 +50,8 @@ def describe_output(output: Any) -> str:
         parts = [
             f"{key!r} {tuple(value.shape)}" if isinstance(value, torch.Tensor) else repr(key) for key, value in output.items()
         ]
-        return f"a dict with {', '.join(parts[:6])}"
+        kind = "dict" if type(output).__name__ in ("dict", "OrderedDict") else type(output).__name__  # ModelOutput
+        return f"a {kind} with {', '.join(parts[:6])}"
     if isinstance(output, (list, tuple)):
         kinds = {type(item).__name__ for item in output}
         if output and all(isinstance(item, dict) for item in output):

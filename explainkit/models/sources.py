@@ -293,7 +293,7 @@ def _timm(spec: ModelSpec, weights: str | None) -> tuple[nn.Module, list[str] | 
 # --- Hugging Face -------------------------------------------------------------------------------
 def _hf(spec: ModelSpec, weights: str | None) -> tuple[nn.Module, list[str] | None, Preprocessing | None]:
     try:
-        from transformers import AutoImageProcessor, AutoModelForImageClassification
+        from transformers import AutoImageProcessor
     except ImportError:
         raise ExplainkitError("Hugging Face models need transformers: pip install 'explainkit[hf]'") from None
     directory = Path(spec.name)
@@ -302,13 +302,14 @@ def _hf(spec: ModelSpec, weights: str | None) -> tuple[nn.Module, list[str] | No
     if weights == DEFAULT_WEIGHTS:
         raise ExplainkitError("hf: models carry their weights in the directory; drop weights=DEFAULT")
     try:
-        model = AutoModelForImageClassification.from_pretrained(str(directory), local_files_only=True)
+        model = _hf_model_class(directory).from_pretrained(str(directory), local_files_only=True)
     except Exception as error:
         raise CheckpointError(f"cannot load the Hugging Face model in {directory}: {first_line(error)}") from None
     if weights is not None:
         _load_state(model, _read_weights(weights), spec, weights)
     id2label = getattr(model.config, "id2label", None) or {}
-    classes = [str(id2label[i]) for i in range(len(id2label))] if len(id2label) == model.config.num_labels else None
+    labelled = "For" in type(model).__name__  # a bare backbone (an embedder) has no labels, whatever its config says
+    classes = [str(id2label[i]) for i in range(len(id2label))] if labelled and len(id2label) == model.config.num_labels else None
     preprocessing = None
     if (directory / "preprocessor_config.json").is_file():
         try:
@@ -320,6 +321,24 @@ def _hf(spec: ModelSpec, weights: str | None) -> tuple[nn.Module, list[str] | No
     if preprocessing is None and isinstance(size, int):  # no processor saved: at least the size the model was built for
         preprocessing = Preprocessing((size, size), IMAGENET_MEAN, IMAGENET_STD)
     return model, classes, preprocessing
+
+
+def _hf_model_class(directory: Path) -> Any:
+    """The ``AutoModel...`` class for what the directory's config says it is: a semantic segmenter,
+    a bare backbone (``ViTModel``, ``CLIPVisionModel``: an embedding model) or, by default, a classifier."""
+    import json
+
+    import transformers
+
+    try:
+        architectures = json.loads((directory / "config.json").read_text()).get("architectures") or []
+    except (OSError, ValueError, AttributeError):
+        architectures = []
+    if any(str(name).endswith("ForSemanticSegmentation") for name in architectures):
+        return transformers.AutoModelForSemanticSegmentation
+    if architectures and not any("For" in str(name) for name in architectures):
+        return transformers.AutoModel
+    return transformers.AutoModelForImageClassification
 
 
 def _hf_preprocessing(processor: Any) -> Preprocessing | None:
@@ -404,9 +423,13 @@ def _num_classes(model: nn.Module, size: tuple[int, int], channels: int = 3) -> 
             output = model(torch.zeros(1, channels, *size))
         finally:
             model.train(training)
-    masks = output.get("out") if isinstance(output, dict) else None  # torchvision: OrderedDict(out=..., aux=...)
+    # torchvision segmenters: OrderedDict(out=..., aux=...); Hugging Face ones: a ModelOutput (a dict) with 4-D logits
+    masks = output.get("out", output.get("logits")) if isinstance(output, dict) else None
     if isinstance(masks, torch.Tensor) and masks.ndim == 4:
         return int(masks.shape[1])
+    pooled = output.get("pooler_output", output.get("image_embeds")) if isinstance(output, dict) else None
+    if isinstance(pooled, torch.Tensor) and pooled.ndim == 2 and "logits" not in output:  # a Hugging Face embedder
+        return int(pooled.shape[1])
     return int(logits_of(output).shape[1])
 
 
