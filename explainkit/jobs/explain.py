@@ -269,6 +269,14 @@ def open_store(
     if ctx.is_main:
         if resume and path.exists():
             store = MapsStore.open(path, fingerprint)
+            damaged = store.damaged()
+            if damaged:
+                store.recompute(damaged)
+                shown = ", ".join(map(str, damaged[:10])) + (" ..." if len(damaged) > 10 else "")
+                print(
+                    f"explainkit: {len(damaged)} finished chunks of {path} are damaged on disk ({shown}); recomputing them",
+                    file=sys.stderr,
+                )
             left = len(store.pending())
             print(
                 f"explainkit: resuming {path}: {store.num_chunks - left} of {store.num_chunks} chunks already done",

@@ -5,9 +5,16 @@ order:
 
 * ``maps/<method>``: float16 ``(N, H, W)``, one array per method;
 * ``predictions`` (int64), ``labels`` (int64), ``probabilities`` (float32, of the prediction): ``(N,)``;
-* ``done``: uint8 ``(num_chunks,)``, one zarr chunk per element, set after a chunk's rows are
-  written. ``resume`` recomputes exactly the chunks not marked done, so a run killed at any point
-  (SIGKILL included) continues without redoing finished work.
+* ``checksums``: uint32 ``(num_chunks,)``: the CRC-32 of each chunk's rows as written;
+* ``done``: uint8 ``(num_chunks,)``, one zarr chunk per element, set after a chunk's rows and
+  checksum are written. ``resume`` recomputes exactly the chunks not marked done, so a run killed
+  at any point (SIGKILL included) continues without redoing finished work, and first re-reads every
+  finished chunk: one whose files were damaged on disk (unreadable, or not matching its checksum)
+  is recomputed, not trusted.
+
+A write that fails (a full disk: ``ENOSPC``; any ``OSError``) is a one-line
+:class:`~explainkit.errors.ExplainkitError` that says to free space and ``--resume``; the chunk
+being written stays pending.
 
 Under ``torchrun`` chunk ``c`` belongs to rank ``c % world_size``: every image is explained once,
 with no padding, and ranks write disjoint zarr chunks concurrently (each zarr chunk is its own
@@ -20,6 +27,7 @@ them).
 from __future__ import annotations
 
 import shutil
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -30,7 +38,8 @@ import torch
 from explainkit.errors import ExplainkitError
 
 STORE_NAME = "maps.zarr"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-chunk checksums
+ROW_ARRAYS = ("predictions", "labels", "probabilities")
 
 
 def _zarr():
@@ -71,6 +80,7 @@ class MapsStore:
         group.create_array("predictions", shape=(rows,), chunks=(chunk,), dtype="int64", fill_value=-1)
         group.create_array("labels", shape=(rows,), chunks=(chunk,), dtype="int64", fill_value=-1)
         group.create_array("probabilities", shape=(rows,), chunks=(chunk,), dtype="float32", fill_value=0)
+        group.create_array("checksums", shape=(chunks,), chunks=(1,), dtype="uint32", fill_value=0)
         group.create_array("done", shape=(chunks,), chunks=(1,), dtype="uint8", fill_value=0)
         return cls(path, group, rows, chunk, list(methods))
 
@@ -114,14 +124,48 @@ class MapsStore:
         probabilities: torch.Tensor,
         maps: Mapping[str, torch.Tensor],
     ) -> None:
-        """Write one chunk's rows, then mark it done (so a kill mid-write leaves it pending)."""
+        """Write one chunk's rows and checksum, then mark it done (so a kill or a failed write
+        mid-chunk leaves it pending)."""
         rows = slice(chunk * self.chunk, min((chunk + 1) * self.chunk, self.rows))
-        for name in self.methods:
-            self.group["maps"][name][rows] = maps[name].detach().to(torch.float16).cpu().numpy()
-        self.group["predictions"][rows] = predictions.cpu().numpy().astype(np.int64)
-        self.group["labels"][rows] = labels.cpu().numpy().astype(np.int64)
-        self.group["probabilities"][rows] = probabilities.float().cpu().numpy()
-        self.group["done"][chunk] = 1
+        arrays = {f"maps/{name}": maps[name].detach().to(torch.float16).cpu().numpy() for name in self.methods}
+        arrays["predictions"] = predictions.cpu().numpy().astype(np.int64)
+        arrays["labels"] = labels.cpu().numpy().astype(np.int64)
+        arrays["probabilities"] = probabilities.float().cpu().numpy()
+        try:
+            for key, values in arrays.items():
+                self.group[key][rows] = values
+            self.group["checksums"][chunk] = _checksum(arrays)
+            self.group["done"][chunk] = 1
+        except OSError as error:  # a full disk (ENOSPC), a vanished mount, a read-only file system
+            raise ExplainkitError(
+                f"writing chunk {chunk} of {self.path} failed ({error.strerror or error}); "
+                "free space or fix the disk, then run again with --resume (finished chunks are kept)"
+            ) from None
+
+    def damaged(self) -> list[int]:
+        """Finished chunks whose rows no longer read back as written: unreadable files, or rows that
+        do not match the chunk's checksum. (Stores from before checksums cannot be checked: none.)"""
+        if "checksums" not in self.group:
+            return []
+        done = np.asarray(self.group["done"][:])
+        checksums = np.asarray(self.group["checksums"][:])
+        bad = []
+        for chunk in np.flatnonzero(done).tolist():
+            rows = slice(chunk * self.chunk, min((chunk + 1) * self.chunk, self.rows))
+            try:
+                arrays = {f"maps/{name}": np.asarray(self.group["maps"][name][rows]) for name in self.methods}
+                arrays.update({key: np.asarray(self.group[key][rows]) for key in ROW_ARRAYS})
+            except Exception:  # noqa: BLE001 - any decode failure of a damaged chunk file
+                bad.append(chunk)
+                continue
+            if _checksum(arrays) != int(checksums[chunk]):
+                bad.append(chunk)
+        return bad
+
+    def recompute(self, chunks: list[int]) -> None:
+        """Mark ``chunks`` pending again."""
+        for chunk in chunks:
+            self.group["done"][chunk] = 0
 
     def complete(self) -> bool:
         return bool(np.asarray(self.group["done"][:]).all())
@@ -129,6 +173,14 @@ class MapsStore:
     def results(self) -> dict[str, torch.Tensor]:
         """Predictions, labels and probabilities of every row (small: the maps stay on disk)."""
         return {key: torch.from_numpy(np.asarray(self.group[key][:])) for key in ("predictions", "labels", "probabilities")}
+
+
+def _checksum(arrays: Mapping[str, np.ndarray]) -> int:
+    """CRC-32 over a chunk's arrays, in a fixed order of names."""
+    value = 0
+    for key in sorted(arrays):
+        value = zlib.crc32(np.ascontiguousarray(arrays[key]).tobytes(), value)
+    return value
 
 
 def load_maps(out_dir: str | Path) -> dict[str, Any]:
