@@ -68,7 +68,8 @@ class AblationCAM(PerturbationCAM):
         def run_above(layer_outputs: torch.Tensor, owners: torch.Tensor) -> Any:
             return above(layer_outputs, *(value[owners] for value in side))
 
-        return run_above(output, torch.arange(len(images), device=images.device)), output, run_above
+        # a copy in: an in-place op above the layer (ReLU(inplace=True)) would overwrite its output
+        return run_above(output.clone(), torch.arange(len(images), device=images.device)), output, run_above
 
     def _warn_full_forwards(self, reason: str) -> None:
         warnings.warn(

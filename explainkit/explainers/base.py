@@ -147,18 +147,30 @@ def check_images(images: torch.Tensor) -> None:
         )
     # One reduction and one sync per batch: NaN or Inf pixels would give maps full of NaN from
     # every gradient method, silently (pytorch-grad-cam's #42/#108); better a clear refusal.
+    _refuse_non_finite(images, "contain NaN or Inf values; explainers need finite inputs")
+
+
+def _refuse_non_finite(images: torch.Tensor, problem: str) -> None:
+    """An :class:`ExplainkitError` naming the images of the batch that are not all finite."""
     finite = torch.isfinite(images).flatten(1).all(dim=1)
     if not bool(finite.all()):
         bad = (~finite).nonzero().flatten().tolist()
         shown = ", ".join(map(str, bad[:10])) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
-        raise ExplainkitError(f"images {shown} (0-based) contain NaN or Inf values; explainers need finite inputs")
+        raise ExplainkitError(f"images {shown} (0-based) {problem}")
 
 
 def as_model_dtype(images: torch.Tensor, model: nn.Module) -> torch.Tensor:
     """``images`` cast to the dtype of the model's floating-point parameters (a float64 or float16
-    batch for a float32 model, a float32 batch for a bfloat16 model); unchanged when they agree."""
+    batch for a float32 model, a float32 batch for a bfloat16 model); unchanged when they agree.
+    Finite values beyond the model dtype's range (1e300 in float64 for a float32 model) would
+    become Inf and silently give NaN maps: an :class:`ExplainkitError` naming those images."""
     dtype = next((p.dtype for p in model.parameters() if p.dtype.is_floating_point), images.dtype)
-    return images if images.dtype == dtype else images.to(dtype)
+    if images.dtype == dtype:
+        return images
+    cast = images.to(dtype)
+    if torch.finfo(dtype).max < torch.finfo(images.dtype).max:  # only a narrowing cast can overflow
+        _refuse_non_finite(cast, f"overflow the model's {dtype} when cast to it; explainers need values it can hold")
+    return cast
 
 
 class Explainer(ABC):

@@ -51,7 +51,8 @@ def layer_output_as_leaf(layer: nn.Module, *, gradients: bool = True) -> Iterato
                 f"layer {type(module).__name__} returns {type(output).__name__}, not a tensor; pick another layer"
             )
         if not gradients:
-            captured["activations"] = output.detach()
+            # A copy: a following in-place op (ReLU(inplace=True)) would overwrite a detached view.
+            captured["activations"] = output.detach().clone()
             return None
         torch.set_grad_enabled(True)
         leaf = output.detach().requires_grad_(True)

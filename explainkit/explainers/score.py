@@ -40,7 +40,7 @@ class ScoreCAM(PerturbationCAM):
             high = masks.amax(dim=(-2, -1), keepdim=True)
             masks = (masks - low) / (high - low + 1e-8)
             with torch.inference_mode():  # no autograd bookkeeping at all for these forwards
-                scores.append(run.scores(self.model(images[owners] * masks), owners))
+                scores.append(run.scores(self.model((images[owners] * masks).to(images.dtype)), owners))
         return torch.cat(scores).view(n, c, -1).clone()  # a normal tensor again
 
     def weights_from_scores(self, scores: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
