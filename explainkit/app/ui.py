@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 import inspect
 import os
+import tempfile
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -43,7 +44,39 @@ def _gradio():
         import gradio as gr
     except ImportError:
         raise ExplainkitError("the web app needs Gradio: pip install 'explainkit[ui]'") from None
+    _atomic_image_cache()
     return gr
+
+
+def _atomic_image_cache() -> None:
+    """Make Gradio's image cache writes atomic (once per process).
+
+    Gradio (6.31) saves every output image to ``cache/<hash of its bytes>/image.webp`` and rewrites
+    that file in place on every request: two users who get the same overlay at once can download it
+    while it is being rewritten, and get an empty or truncated image (found by
+    ``benchmarks/bench_serve.py``: 7 in 1,000 answers under 4 concurrent users). Writing to a
+    temporary file in the same folder and renaming it over the target is atomic: a reader sees the
+    old bytes or the new ones, which are equal.
+    """
+    from pathlib import Path
+
+    from gradio import processing_utils
+
+    if getattr(processing_utils.save_pil_to_cache, "explainkit_atomic", False):
+        return
+
+    def save_pil_to_cache(img: Any, cache_dir: str, name: str = "image", format: str = "webp") -> str:
+        data = processing_utils.encode_pil_to_bytes(img, format)
+        folder = Path(cache_dir) / processing_utils.hash_bytes(data)
+        folder.mkdir(exist_ok=True, parents=True)
+        target = (folder / f"{name}.{format}").resolve()
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".partial-", delete=False) as partial:
+            partial.write(data)
+        os.replace(partial.name, target)
+        return str(target)
+
+    save_pil_to_cache.explainkit_atomic = True  # type: ignore[attr-defined]
+    processing_utils.save_pil_to_cache = save_pil_to_cache
 
 
 def _theme(gr):
