@@ -268,3 +268,52 @@ def test_api_explains_a_detectors_boxes(tmp_path):
         assert all(box["label"] in model.card.classes and box["score"] >= 0.2 for box in answer["boxes"])
     finally:
         app.close()
+
+
+def _hostile_upload(kind: str, folder) -> Path:
+    """A file a hostile or unlucky user might upload."""
+    import struct
+    import zlib
+
+    path = folder / f"{kind}.png"
+    small = folder / "small.png"
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(small)
+    data = small.read_bytes()
+    if kind in ("bomb", "huge"):  # a 30,000 or 10,000 square header on an 8 x 8 file: never decoded
+        side = 30_000 if kind == "bomb" else 10_000
+        header = b"IHDR" + struct.pack(">II", side, side) + data[24:29]
+        data = data[:12] + header + struct.pack(">I", zlib.crc32(header)) + data[33:]
+    elif kind == "empty":
+        data = b""
+    elif kind == "truncated":
+        data = data[: len(data) // 2]
+    elif kind == "text":
+        data = b"this is not an image, whatever its name says"
+    elif kind == "animated":
+        frames = [Image.fromarray(np.full((8, 8, 3), v, dtype=np.uint8)) for v in (0, 255)]
+        frames[0].save(path, format="GIF", save_all=True, append_images=frames[1:])
+        return path
+    path.write_bytes(data)
+    return path
+
+
+@pytest.mark.parametrize(
+    "kind, words",
+    [
+        ("bomb", "bomb.png: refused as a decompression bomb"),  # PIL's own guard, past 179 megapixels
+        ("huge", "10000 x 10000 pixels is over the limit of 40 megapixels"),
+        ("empty", "cannot read image empty.png"),
+        ("truncated", "cannot read image truncated.png"),
+        ("text", "cannot read image text.png"),
+        ("animated", "an animated or multi-frame image (2 frames)"),
+    ],
+)
+def test_hostile_uploads_are_one_line_messages_through_the_api(kind, words, client, tmp_path):
+    from gradio_client import handle_file
+    from gradio_client.exceptions import AppError
+
+    upload = _hostile_upload(kind, tmp_path)
+    with pytest.raises(AppError) as caught:
+        client.predict(images=[handle_file(str(upload))], api_name="/explain")
+    message = str(caught.value)
+    assert words in message and "\n" not in message and str(tmp_path) not in message and "/tmp" not in message
