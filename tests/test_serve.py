@@ -270,7 +270,7 @@ def test_api_explains_a_detectors_boxes(tmp_path):
         app.close()
 
 
-def _hostile_upload(kind: str, folder) -> Path:
+def _hostile_upload(kind: str, folder):
     """A file a hostile or unlucky user might upload."""
     import struct
     import zlib
