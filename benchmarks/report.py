@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime
 import platform
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ def _rows(benchmarks) -> list[dict[str, Any]]:
             continue
         median = bench.stats.median
         info["median_s"] = median
+        info["rounds_s"] = list(getattr(bench.stats, "data", []))
         info["ips"] = info.get("images", 0) / median if median else float("nan")
         floor = info.get("floor_median_s")
         info["interleaved"] = floor / median if floor and median else None
@@ -131,7 +133,12 @@ def write_results(benchmarks, path: Path) -> None:
     for group in dict.fromkeys(row["group"] for row in rows):
         in_group = [row for row in rows if row["group"] == group]
         lines += [f"## {group}", ""]
-        lines += _memory_lines(in_group) if group.endswith("-memory") else _throughput_lines(rows, group, in_group)
+        if group.endswith("-memory"):
+            lines += _memory_lines(in_group)
+        elif group.endswith("-targets"):
+            lines += _target_task_lines(in_group)
+        else:
+            lines += _throughput_lines(rows, group, in_group)
     with atomic_path(path) as tmp:
         tmp.write_text("\n".join(lines) + "\n")
 
@@ -208,3 +215,49 @@ def _device_resident_lines(in_group: list[dict]) -> list[str]:
         f"{met if every['device'] == 'cuda' and every['images'] >= 10000 else 'n/a here'}.",
         "",
     ]
+
+
+TARGET_TASK_SPEEDUP = 2.0  # explainkit's batched call vs pytorch-grad-cam on the same work, per task (CPU)
+
+
+def _target_task_lines(in_group: list[dict]) -> list[str]:
+    """Targets beyond a class (``bench_targets.py``): per task, maps/s of both libraries and their
+    ratio, also against explainkit timed before every pytorch-grad-cam round (robust to drift)."""
+    lines = [
+        "| task | layer | images | maps per call | explainkit maps/s | pytorch-grad-cam maps/s | ratio | interleaved ratio | met |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for task in dict.fromkeys(row["task"] for row in in_group):
+        ours = next((r for r in in_group if r["task"] == task and r["library"] == "explainkit"), None)
+        peer = next((r for r in in_group if r["task"] == task and r["library"] == "pytorch-grad-cam"), None)
+        if ours is None:
+            continue
+        maps = ours.get("maps", ours["images"])
+        ratio = peer["median_s"] / ours["median_s"] if peer else None
+        paired = _paired_ratio(peer) if peer else None
+        judged = min((r for r in (ratio, paired) if r is not None), default=None)  # both must meet it
+        met = "n/a" if judged is None else ("yes" if judged >= TARGET_TASK_SPEEDUP else "**no**")
+        lines.append(
+            f"| {task} | {ours['layer']} | {ours['images']} | {maps} | {maps / ours['median_s']:.1f} | "
+            + (f"{maps / peer['median_s']:.1f}" if peer else "n/a")
+            + f" | {_times(ratio)} | {_times(paired)} | {met} |"
+        )
+    return lines + [
+        "",
+        "Ratio = pytorch-grad-cam's median time / explainkit's, both on the same work (same model, layer, images, one "
+        "map per image, box or label). Interleaved ratio = the median over pytorch-grad-cam's rounds of its time / "
+        "explainkit's timed on the same work just before that round (a busy spell of a shared CPU hits both sides "
+        f"of a pair). Target: >= {TARGET_TASK_SPEEDUP}x per task on the CPU, met when both ratios reach it.",
+        "",
+    ]
+
+
+def _paired_ratio(peer: dict) -> float | None:
+    ours, theirs = peer.get("ours_interleaved_s") or [], peer.get("rounds_s") or []
+    if not ours or len(ours) != len(theirs):
+        return None
+    return statistics.median(t / o for t, o in zip(theirs, ours))
+
+
+def _times(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}x"
