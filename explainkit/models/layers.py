@@ -138,7 +138,7 @@ def trace_layers(model: nn.Module, input_size: tuple[int, int, int] | None = Non
     if cached is not None and cached[0] == key:
         return cached[1]
     outputs: dict[str, Shape | str] = {}
-    storage: dict[str, int] = {}  # each tensor output's data pointer, to find the model's own output
+    storage: dict[str, tuple[int, Shape]] = {}  # each tensor output's data pointer and shape: the model's own output
     resized: list[tuple[int, int]] = []
     owner = threading.get_ident()
 
@@ -147,7 +147,7 @@ def trace_layers(model: nn.Module, input_size: tuple[int, int, int] | None = Non
             if threading.get_ident() == owner and name not in outputs:  # the first call of a shared module
                 outputs[name] = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
                 if isinstance(output, torch.Tensor):
-                    storage[name] = output.data_ptr()
+                    storage[name] = (output.data_ptr(), tuple(output.shape))
                 batch = _resized_batch(output)
                 if batch is not None and not resized:
                     resized.append(batch)
@@ -176,14 +176,12 @@ def trace_layers(model: nn.Module, input_size: tuple[int, int, int] | None = Non
     return trace
 
 
-def _output_pointer(output: object) -> int | None:
-    """The data pointer of a model's output tensor (a tensor, or a dict's / ModelOutput's 4-D
-    ``out``/``logits``: a segmenter's), else ``None``."""
+def _output_pointer(output: object) -> tuple[int, Shape] | None:
+    """The data pointer and shape of a model's output tensor (a tensor, or a dict's / ModelOutput's
+    ``out``/``logits``: a segmenter's), else ``None``. Shape too: a view (``Flatten``) shares the pointer."""
     if isinstance(output, dict):
         output = output.get("out", output.get("logits"))
-        if not (isinstance(output, torch.Tensor) and output.ndim == 4):
-            return None
-    return output.data_ptr() if isinstance(output, torch.Tensor) else None
+    return (output.data_ptr(), tuple(output.shape)) if isinstance(output, torch.Tensor) else None
 
 
 def _resized_batch(output: object) -> tuple[int, int] | None:
