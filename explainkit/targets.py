@@ -19,6 +19,7 @@ may take ``index`` as a keyword when its score depends on which image a row belo
 from __future__ import annotations
 
 import inspect
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence, Union
 
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 
 from explainkit.errors import ExplainkitError
 from explainkit.models.outputs import describe_output, logits_of
+from explainkit.models.roi_align import sparse_roi_align_backward
 
 ALL = "all"
 TOPK = "topk"
@@ -134,6 +136,9 @@ class BoundTarget:
 
     score: Callable[[Any, torch.Tensor | None], torch.Tensor]
     logits: torch.Tensor | None = None
+    #: whether gradient methods should try one vmap-batched backward over the columns (``False``
+    #: where an op on the path has no batching rule: a loop over columns, without the failed try)
+    batched: bool = True
     classes: torch.Tensor | str | None = None
     valid: torch.Tensor | None = None
     details: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -151,6 +156,10 @@ class Target:
 
     def bind(self, output: Any) -> BoundTarget:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def forward_context(self) -> AbstractContextManager[None]:
+        """Entered around the forward that gradient methods differentiate (default: nothing)."""
+        return nullcontext()
 
 
 def _rows(tensor: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
@@ -400,7 +409,14 @@ class DetectionBoxes(Target):
             rows = range(len(boxes)) if index is None else index.tolist()
             return torch.stack([_box_scores(d, boxes[r], labels[r], threshold) for d, r in zip(detections_of(output), rows)])
 
-        return BoundTarget(score, classes=labels, valid=labels >= 0, details={"boxes": boxes, "labels": labels, "scores": scores})
+        details = {"boxes": boxes, "labels": labels, "scores": scores}
+        # RoIAlign has no vmap batching rule: gradient methods loop over the boxes directly
+        return BoundTarget(score, classes=labels, valid=labels >= 0, details=details, batched=False)
+
+    def forward_context(self) -> AbstractContextManager[None]:
+        """A box's score depends on one proposal of hundreds: RoIAlign's backward skips the rest
+        (:mod:`explainkit.models.roi_align`: the same gradients, a fraction of the work)."""
+        return sparse_roi_align_backward()
 
     def __repr__(self) -> str:
         return f"DetectionBoxes(score_threshold={self.score_threshold}, iou_threshold={self.iou_threshold})"

@@ -142,7 +142,7 @@ class GradientCAM(Explainer):
 
     def compute(self, images: torch.Tensor, target: Target) -> Computed:
         autocast = torch.autocast(images.device.type, dtype=self.autocast, enabled=self.autocast is not None)
-        with layer_output_as_leaf(self.layer) as captured, autocast:
+        with target.forward_context(), layer_output_as_leaf(self.layer) as captured, autocast:
             output = self.model(images)
             if "activations" not in captured:
                 raise ExplainkitError(f"layer {self.layer_name!r} did not run in the model's forward pass")
@@ -162,7 +162,7 @@ class GradientCAM(Explainer):
         for start in range(0, columns, self.class_chunk):
             chunk = basis[start : start + self.class_chunk, None, :].expand(-1, scores.shape[0], -1)  # (J', N, J)
             last = start + self.class_chunk >= columns
-            gradients = _batched_gradients(scores, leaf, chunk, retain_graph=not last)
+            gradients = _batched_gradients(scores, leaf, chunk, retain_graph=not last, batched=bound.batched)
             cams.append(self._cam(activations, layout.to_channels_first(gradients.float())))  # (J', N, h, w)
         return Computed(torch.cat(cams).transpose(0, 1), bound, scores)  # (N, J, h, w)
 
@@ -177,10 +177,15 @@ def _gradients(scores: torch.Tensor, leaf: torch.Tensor, grad_outputs: torch.Ten
 
 
 def _batched_gradients(
-    scores: torch.Tensor, activations: torch.Tensor, grad_outputs: torch.Tensor, retain_graph: bool = False
+    scores: torch.Tensor, activations: torch.Tensor, grad_outputs: torch.Tensor, retain_graph: bool = False, batched: bool = True
 ) -> torch.Tensor:
     if not scores.requires_grad:
         return activations.new_zeros(grad_outputs.shape[0], *activations.shape)
+    if not batched:  # the target says the batched form cannot work: one backward per column
+        last = grad_outputs.shape[0] - 1
+        return torch.stack(
+            [_gradients(scores, activations, g, retain_graph=retain_graph or k < last) for k, g in enumerate(grad_outputs)]
+        )
     try:
         (gradients,) = torch.autograd.grad(
             scores, activations, grad_outputs, is_grads_batched=True, retain_graph=retain_graph, allow_unused=True
