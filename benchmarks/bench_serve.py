@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import platform
 import socket
 import statistics
 import subprocess
@@ -386,15 +385,9 @@ def test_serve_under_load(benchmark, request, server, expected):
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{os.cpu_count()}-core {cpu}; torch {torch.__version__}"
+    from benchmarks.report import cpu_name
+
+    return f"{os.cpu_count()}-core {cpu_name()}; torch {torch.__version__}"
 
 
 def section(summary: dict[str, Any], size: Size) -> str:

@@ -14,15 +14,20 @@ import torch
 from explainkit.runtime.io import atomic_path
 
 
-def machine_description() -> str:
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows."""
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    return cpu
+
+
+def machine_description() -> str:
+    cpu = cpu_name()
     text = f"CPU: {cpu}, {torch.get_num_threads()} torch threads; torch {torch.__version__}"
     if torch.cuda.is_available():
         text += f"; GPU: {torch.cuda.get_device_name()} (CUDA {torch.version.cuda})"
