@@ -428,7 +428,7 @@ def _box_scores(detection: dict[str, torch.Tensor], boxes: torch.Tensor, labels:
 
     found = detection["boxes"]
     if len(found) == 0:
-        return boxes.new_zeros(len(boxes)) + 0 * detection["scores"].sum()
+        return boxes.new_zeros(len(boxes))  # nothing detected: every box scores 0 (a zero gradient)
     ious = box_iou(boxes.to(found.dtype), found)  # (J, D)
     best = ious.argmax(dim=1)  # the highest-IoU detection, as pytorch-grad-cam takes it
     iou = ious.gather(1, best[:, None])[:, 0]

@@ -179,24 +179,22 @@ def _gradients(scores: torch.Tensor, leaf: torch.Tensor, grad_outputs: torch.Ten
 def _batched_gradients(
     scores: torch.Tensor, activations: torch.Tensor, grad_outputs: torch.Tensor, retain_graph: bool = False, batched: bool = True
 ) -> torch.Tensor:
+    """``(J', *activations.shape)``: one gradient per row of ``grad_outputs``, in one vmap-batched
+    backward when ``batched`` and every op on the path has a batching rule, else column by column."""
     if not scores.requires_grad:
         return activations.new_zeros(grad_outputs.shape[0], *activations.shape)
-    if not batched:  # the target says the batched form cannot work: one backward per column
-        last = grad_outputs.shape[0] - 1
-        return torch.stack(
-            [_gradients(scores, activations, g, retain_graph=retain_graph or k < last) for k, g in enumerate(grad_outputs)]
-        )
-    try:
-        (gradients,) = torch.autograd.grad(
-            scores, activations, grad_outputs, is_grads_batched=True, retain_graph=retain_graph, allow_unused=True
-        )
-        return activations.new_zeros(grad_outputs.shape[0], *activations.shape) if gradients is None else gradients
-    except RuntimeError as exc:  # an op without a batching rule: fall back to one backward per column
-        warnings.warn(f"batched gradients unavailable ({exc}); computing columns one by one", RuntimeWarning, stacklevel=3)
-        last = grad_outputs.shape[0] - 1
-        return torch.stack(
-            [_gradients(scores, activations, g, retain_graph=retain_graph or k < last) for k, g in enumerate(grad_outputs)]
-        )
+    if batched:
+        try:
+            (gradients,) = torch.autograd.grad(
+                scores, activations, grad_outputs, is_grads_batched=True, retain_graph=retain_graph, allow_unused=True
+            )
+            return activations.new_zeros(grad_outputs.shape[0], *activations.shape) if gradients is None else gradients
+        except RuntimeError as exc:  # an op without a batching rule
+            warnings.warn(f"batched gradients unavailable ({exc}); computing columns one by one", RuntimeWarning, stacklevel=3)
+    last = grad_outputs.shape[0] - 1
+    return torch.stack(
+        [_gradients(scores, activations, g, retain_graph=retain_graph or k < last) for k, g in enumerate(grad_outputs)]
+    )
 
 
 class GradCAM(GradientCAM):
