@@ -33,6 +33,12 @@ class Registration:
     plugin: str
     registered: ExplainerFactory
 
+    @property
+    def family(self) -> str:
+        """What the method reads (the class's ``family``: "gradient", "perturbation",
+        "class-agnostic", "attention", "fusion"); "other" for factories that are not classes."""
+        return getattr(self.registered, "family", "other") if isinstance(self.registered, type) else "other"
+
 
 def as_explainer_factory(name: str, factory: ExplainerFactory) -> Callable[..., Explainer]:
     """An :class:`Explainer` subclass as is; any other factory wrapped so it returns an Explainer."""

@@ -235,7 +235,20 @@ def test_methods_command_lists_plugins(capsys):
     code, out, _ = _run(capsys, "methods", "--json")
     rows = {row["name"]: row for row in json.loads(out)}
     assert rows["gradcam"]["plugin"] == "explainkit.builtin"
+    assert rows["gradcam"]["family"] == "gradient" and rows["scorecam"]["family"] == "perturbation"
+    assert rows["eigencam"]["family"] == "class-agnostic"
     assert code == 0
+
+
+def test_methods_command_filters_by_family(capsys):
+    code, out, _ = _run(capsys, "methods", "--family", "perturbation")
+    names = [line.split()[0] for line in out.strip().splitlines()]
+    assert code == 0 and "scorecam" in names and "ablationcam" in names and "gradcam" not in names
+
+
+def test_methods_piped_into_a_reader_that_leaves_is_quiet():
+    proc = subprocess.run(f"{sys.executable} -m explainkit methods | head -1", shell=True, capture_output=True, text=True)
+    assert proc.stderr == "" and len(proc.stdout.splitlines()) == 1
 
 
 def test_python_dash_m_end_to_end_on_the_trained_model(trained_model_path, cifar_dir, tmp_path):

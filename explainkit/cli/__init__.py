@@ -132,6 +132,10 @@ def _run(args: argparse.Namespace, debug: bool, flags: dict[str, str]) -> int:
     except KeyboardInterrupt:
         print(f"explainkit {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `explainkit methods | head`: the reader left; not an error of ours
+        # Point stdout at devnull so the interpreter's final flush does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except Exception as exc:  # a bug: still one line, with a way to see more
         if debug:
             raise

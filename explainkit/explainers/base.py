@@ -193,6 +193,9 @@ class Explainer(ABC):
 
     #: human-readable name for titles and tables; subclasses override.
     name = "explainer"
+    #: what the method reads, for ``explainkit methods``: "gradient", "perturbation",
+    #: "class-agnostic", "attention", "fusion" (several layers), or "other".
+    family = "other"
 
     def __init__(self, model: nn.Module, layer: str | nn.Module | None = None) -> None:
         self.model = model

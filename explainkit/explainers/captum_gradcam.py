@@ -18,6 +18,7 @@ class CaptumGradCAM(Explainer):
     """
 
     name = "captum-gradcam"
+    family = "gradient"
 
     def compute(self, images: torch.Tensor, target: Target) -> Computed:
         from captum.attr import LayerGradCam  # imported on use: registering the name needs no captum

@@ -31,6 +31,7 @@ class EigenCAM(Explainer):
     """
 
     name = "eigencam"
+    family = "class-agnostic"
 
     def __init__(self, model: nn.Module, layer: str | nn.Module | None = None, *, layout: Layout | None = None) -> None:
         super().__init__(model, layer)

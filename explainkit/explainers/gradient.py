@@ -108,6 +108,8 @@ class GradientCAM(Explainer):
             ``targets="all"`` runs in bounded memory (16 backwards of 64 classes).
     """
 
+    family = "gradient"
+
     def __init__(
         self,
         model: nn.Module,

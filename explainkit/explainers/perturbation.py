@@ -62,6 +62,8 @@ class PerturbationCAM(Explainer):
         layout: how the layer's output maps to ``(N, C, h, w)`` (default: read off the model).
     """
 
+    family = "perturbation"
+
     def __init__(
         self, model: nn.Module, layer: str | nn.Module | None = None, *, batch_size: int = 64, layout: Layout | None = None
     ) -> None:
