@@ -143,5 +143,10 @@ def test_read_classes_forms(tmp_path):
     (tmp_path / "c.json").write_text('["a", "b"]')
     assert read_classes(tmp_path / "c.json") == ["a", "b"]
     assert read_classes(["x", 1]) == ["x", "1"]
+    (tmp_path / "card.json").write_text('{"classes": ["cat", "dog"], "mean": [0.5, 0.5, 0.5]}')
+    assert read_classes(tmp_path / "card.json") == ["cat", "dog"]
+    (tmp_path / "other.json").write_text('{"names": ["cat"]}')
+    with pytest.raises(ExplainkitError, match="without a 'classes' list"):
+        read_classes(tmp_path / "other.json")
     with pytest.raises(ExplainkitError, match="classes=.*cannot read"):
         read_classes(tmp_path / "missing.txt")

@@ -102,7 +102,8 @@ def _offline_error(spec: ModelSpec, error: BaseException) -> CheckpointError:
 
 
 def read_classes(source: str | Path | Sequence[str]) -> list[str]:
-    """Class names from a list, or a file: a JSON list or one name per line (blank lines skipped)."""
+    """Class names from a list, or a file: a JSON list, a JSON object with a ``classes`` list (a
+    model card), or one name per line (blank lines skipped)."""
     if not isinstance(source, (str, Path)):
         return [str(name) for name in source]
     path = Path(source)
@@ -110,11 +111,15 @@ def read_classes(source: str | Path | Sequence[str]) -> list[str]:
         text = path.read_text()
     except (OSError, UnicodeDecodeError) as error:
         raise ExplainkitError(f"classes={path}: cannot read it: {first_line(error)}") from None
-    if text.lstrip().startswith("["):
+    if text.lstrip().startswith(("[", "{")):
         try:
             names = json.loads(text)
         except json.JSONDecodeError as error:
             raise ExplainkitError(f"classes={path}: invalid JSON: {error}") from None
+        if isinstance(names, dict):  # a model card
+            names = names.get("classes")
+            if not isinstance(names, list):
+                raise ExplainkitError(f"classes={path}: a JSON object without a 'classes' list")
         return [str(name) for name in names]
     return [line.strip() for line in text.splitlines() if line.strip()]
 
