@@ -540,9 +540,11 @@ __all__ = [
     "BoundTarget",
     "CallableTarget",
     "ClassDifference",
+    "ClassDifferences",
     "ClassScores",
     "DetectionBoxes",
     "MultiLabel",
+    "ResidualSoftmax",
     "SegmentationRegion",
     "Similarity",
     "Target",
@@ -555,3 +557,109 @@ __all__ = [
     "resolve_targets",
     "segmentation_logits",
 ]
+
+
+# --- class targets of Finer-CAM and ShapleyCAM (appended) ----------------------------------------
+
+
+def _class_columns(resolved: torch.Tensor | str, logits: torch.Tensor) -> torch.Tensor:
+    """``(N, J)`` classes per image: every class for ``"all"``, one column for ``(N,)``."""
+    if isinstance(resolved, str):
+        return torch.arange(logits.shape[1], device=logits.device).expand(logits.shape[0], -1)
+    return resolved[:, None] if resolved.ndim == 1 else resolved
+
+
+class ClassDifferences(Target):
+    r""":class:`ClassDifference` for every class form: each explained class against its own
+    look-alikes, one score column per class (Finer-CAM's target for ``"all"``, top-k and class sets).
+
+    For image ``n`` and explained class ``t`` (column ``j``), ``S`` the ``comparisons`` classes
+    with the smallest ``|y_k - y_t|`` in the unperturbed forward (``t`` excluded) and
+    ``p = softmax(y)``:
+
+    .. math:: s_{nj} = \frac{\sum_{k \in S} p_k \, (y_t - \alpha\, y_k)}{\sum_{k \in S} p_k + 10^{-9}}
+
+    exactly pytorch-grad-cam's ``FinerWeightedTarget`` per column (the weights ``p`` are
+    differentiated). One class per image scores ``(N,)`` (the values of :class:`ClassDifference`);
+    ``"all"``, top-k and ``(N, J)`` class sets score ``(N, J)`` in one call, so gradient methods
+    differentiate every column in one batched backward.
+
+    Args:
+        classes: any class form (``None``: the predicted class; an int, ``N`` ints, ``"all"``,
+            ``("topk", k)`` / ``"topk:k"``, an ``(N, J)`` tensor).
+        comparisons: how many similar classes to subtract (fewer when the model has fewer).
+        alpha: how strongly they are subtracted (``0``: the plain class logit).
+    """
+
+    def __init__(self, classes: ClassSpec = None, comparisons: int = 3, alpha: float = 1.0) -> None:
+        if isinstance(comparisons, bool) or not isinstance(comparisons, int) or comparisons < 1:
+            raise ExplainkitError(f"comparisons must be an integer of at least 1, got {comparisons!r}")
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha != alpha or abs(alpha) == float("inf"):
+            raise ExplainkitError(f"alpha must be a finite number, got {alpha!r}")
+        self.classes, self.comparisons, self.alpha = classes, comparisons, float(alpha)
+
+    def bind(self, output: Any) -> BoundTarget:
+        logits = logits_of(output).detach()
+        count = min(self.comparisons, logits.shape[1] - 1)
+        if count < 1:
+            raise ExplainkitError("ClassDifferences needs a model with at least 2 classes")
+        resolved = resolve_targets(self.classes, logits)
+        main = _class_columns(resolved, logits)  # (N, J)
+        distance = (logits[:, None, :] - logits.gather(1, main)[:, :, None]).abs()  # (N, J, K)
+        distance.scatter_(2, main[:, :, None], -1.0)  # the class itself comes first, as in pytorch-grad-cam
+        similar = distance.topk(count + 1, dim=2, largest=False).indices[:, :, 1:]  # (N, J, S)
+        single = not isinstance(resolved, str) and resolved.ndim == 1
+        alpha = self.alpha
+
+        def score(output: Any, index: torch.Tensor | None) -> torch.Tensor:
+            scores = logits_of(output)
+            t, others = _rows(main, index), _rows(similar, index)
+            rows = scores[:, None, :].expand(-1, t.shape[1], -1)  # (M, J, K)
+            weights = scores.softmax(dim=1)[:, None, :].expand_as(rows).gather(2, others)  # (M, J, S)
+            gaps = scores.gather(1, t)[:, :, None] - alpha * rows.gather(2, others)
+            columns = (weights * gaps).sum(dim=2) / (weights.sum(dim=2) + 1e-9)  # (M, J)
+            return columns[:, 0] if single else columns
+
+        comparisons = similar[:, 0] if single else similar
+        return BoundTarget(score, logits=logits, classes=resolved, details={"comparisons": comparisons})
+
+    def __repr__(self) -> str:
+        return f"ClassDifferences({self.classes!r}, comparisons={self.comparisons}, alpha={self.alpha})"
+
+
+class ResidualSoftmax(Target):
+    r"""ReST, the residual softmax target of ShapleyCAM (Cai, 2025, https://arxiv.org/abs/2501.06261),
+    pytorch-grad-cam's ``ClassifierOutputReST``: the class logit minus the cross-entropy loss of
+    that class, i.e. the pre-softmax and the log-softmax score together:
+
+    .. math:: s_t = y_t - \mathrm{CE}(y, t) = y_t + \log p_t = 2\, y_t - \log \sum_k e^{y_k}
+
+    Unlike a logit, it is curved in the logits (its Hessian is ``-(\mathrm{diag}(p) - p p^T)``),
+    so it has second-order terms even where the network below is piecewise linear.
+
+    Args:
+        classes: any class form (``None``: the predicted class; an int, ``N`` ints, ``"all"``,
+            ``("topk", k)`` / ``"topk:k"``, an ``(N, J)`` tensor); ``(N,)`` or ``(N, J)`` scores.
+    """
+
+    def __init__(self, classes: ClassSpec = None) -> None:
+        self.classes = classes
+
+    def bind(self, output: Any) -> BoundTarget:
+        logits = logits_of(output).detach()
+        resolved = resolve_targets(self.classes, logits)
+
+        def score(output: Any, index: torch.Tensor | None) -> torch.Tensor:
+            scores = logits_of(output)
+            rest = scores + scores.log_softmax(dim=1)  # every class's ReST
+            if isinstance(resolved, str):
+                return rest
+            chosen = _rows(resolved, index)
+            if chosen.ndim == 1:
+                return rest.gather(1, chosen[:, None])[:, 0]
+            return rest.gather(1, chosen)
+
+        return BoundTarget(score, logits=logits, classes=resolved)
+
+    def __repr__(self) -> str:
+        return f"ResidualSoftmax({self.classes!r})"
