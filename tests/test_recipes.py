@@ -13,6 +13,12 @@ def test_reference_recipe_is_the_course_run():
     assert (r.epochs, r.batch_size, r.optimizer, r.lr, r.weight_decay) == (20, 512, "adam", "auto", 1e-4)
     assert (r.pct_start, r.div_factor, r.final_div_factor, r.anneal_strategy) == (0.25, 100, 100, "linear")
     assert r.cutout_p == 0.2 and not r.horizontal_flip
+    # the course's albumentations 1.x call: the hole on the 64x64 canvas, written black; kuangliu's default init
+    assert (r.cutout, r.cutout_fill, r.init) == ("canvas", "black", "pytorch")
+    # its LR range test: torch-lr-finder from Adam's lr=1e-3 to 10 over 200 batches
+    assert (r.lr_find_start, r.lr_find_iters) == (1e-3, 200)
+    # none of the recipe tools the course did not use
+    assert (r.ema_decay, r.tta_flip, r.no_decay_bn_bias, r.bn_bias_lr_mult, r.label_smoothing) == (0.0, False, False, 1.0, 0.0)
 
 
 def test_flags_override_the_recipe():
@@ -27,6 +33,15 @@ def test_flags_override_the_recipe():
         ({"lr": -0.1}, "lr=-0.1: must be 'auto' or a positive number"),
         ({"batch_size": 0}, "batch_size=0: must be at least 1"),
         ({"optimizer": "lion"}, "optimizer='lion': must be adam or sgd"),
+        ({"cutout": "edge"}, "cutout='edge': must be one of inside, canvas"),
+        ({"cutout_fill": "red"}, "cutout_fill='red': must be one of mean, black"),
+        ({"init": "xavier"}, "init='xavier': must be one of torchvision, pytorch"),
+        ({"ema_decay": 1.0}, "ema_decay=1.0: must be in [0, 1)"),
+        ({"label_smoothing": 1.5}, "label_smoothing=1.5: must be in [0, 1)"),
+        ({"bn_bias_lr_mult": 0.0}, "bn_bias_lr_mult=0.0: must be positive"),
+        ({"cutout_p": 2.0}, "cutout_p=2.0: must be between 0 and 1"),
+        ({"lr_find_start": 20.0}, "lr_find_start=20.0: must be in (0, 10)"),
+        ({"lr_find_iters": 5}, "lr_find_iters=5: the LR range test needs at least 17 iterations"),
     ],
 )
 def test_bad_values(overrides, message):

@@ -9,9 +9,13 @@ distributions match it (``tests/test_device_data.py`` compares them):
 
 * ``PadIfNeeded(40, black) -> RandomCrop(32)``: both crop offsets uniform on ``{0, ..., 8}``;
 * ``HorizontalFlip(p=0.5)`` when the recipe flips;
-* ``CoarseDropout`` with one 16x16 hole, top-left corner uniform on ``{0, ..., 16}`` in each
-  axis (the hole always lies inside the image), filled with the dataset mean as uint8
-  (``int(255 * mean)``, as albumentations casts it), applied with probability ``cutout_p``;
+* ``CoarseDropout`` with one 16x16 hole, applied with probability ``cutout_p``, filled with the
+  dataset mean as uint8 (``int(255 * mean)``, as albumentations casts it) or, ``cutout_fill="black"``,
+  with 0 (what albumentations 1.x wrote for the course's float mean). ``cutout="inside"``: top-left
+  corner uniform on ``{0, ..., 16}`` in each axis (the hole always lies inside the image);
+  ``cutout="canvas"`` (the course's ``PadIfNeeded(64) -> CoarseDropout -> CenterCrop(32)``): corner
+  uniform on ``{0, ..., 48}`` of the 64x64 canvas, i.e. ``{-16, ..., 32}`` in image coordinates, the
+  part outside the image dropped;
 * ``Normalize(mean, std)`` last, in float.
 """
 
@@ -27,7 +31,7 @@ import numpy as np
 import torch
 
 from explainkit.errors import DataError
-from explainkit.training.augment import CUTOUT_SIZE, PADDED_SIZE
+from explainkit.training.augment import CANVAS_SIZE, CUTOUT_SIZE, PADDED_SIZE, cutout_fill
 from explainkit.training.recipes import Recipe
 
 
@@ -99,7 +103,9 @@ class DeviceAugment:
         self.flip = recipe.horizontal_flip
         self.cutout_p = recipe.cutout_p
         self.hole = CUTOUT_SIZE * size // 32
-        self.fill = torch.tensor([int(255 * m) for m in mean], dtype=torch.uint8)
+        # canvas: the hole's corner is drawn on a (CANVAS_SIZE * size / 32)-pixel canvas centred on the image
+        self.margin = (CANVAS_SIZE * size // 32 - size) // 2 if recipe.cutout == "canvas" else 0
+        self.fill = torch.tensor(cutout_fill(recipe, mean), dtype=torch.uint8)
 
     def sample(self, batch: int, size: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
         """The random parameters of one batch (exposed so tests can compare distributions)."""
@@ -110,8 +116,11 @@ class DeviceAugment:
             "crop_x": torch.randint(0, span, (batch,), device=device, generator=generator),
             "flip": torch.rand(batch, device=device, generator=generator) < (0.5 if self.flip else 0.0),
             "cutout": torch.rand(batch, device=device, generator=generator) < self.cutout_p,
-            "hole_y": torch.randint(0, size - self.hole + 1, (batch,), device=device, generator=generator),
-            "hole_x": torch.randint(0, size - self.hole + 1, (batch,), device=device, generator=generator),
+            # image coordinates of the corner: {0..size-hole} inside, {-margin..size+margin-hole} on the canvas
+            "hole_y": torch.randint(0, size + 2 * self.margin - self.hole + 1, (batch,), device=device, generator=generator)
+            - self.margin,
+            "hole_x": torch.randint(0, size + 2 * self.margin - self.hole + 1, (batch,), device=device, generator=generator)
+            - self.margin,
         }
         return params
 
