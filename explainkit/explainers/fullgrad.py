@@ -50,11 +50,12 @@ def effective_bias(module: nn.Module) -> torch.Tensor:
     the bias is ``β - γ μ / √(σ² + ε)`` (the official FullGrad code's and pytorch-grad-cam's rule).
     A BatchNorm without running statistics (batch statistics even in eval mode) contributes ``β``.
     """
-    with torch.no_grad():
-        bias = module.bias.detach().float()
-        if isinstance(module, nn.BatchNorm2d) and module.running_mean is not None and module.running_var is not None:
-            weight = module.weight.detach().float() if module.weight is not None else torch.ones_like(bias)
-            bias = bias - module.running_mean.float() * weight / torch.sqrt(module.running_var.float() + module.eps)
+    own = module.bias
+    assert isinstance(own, torch.Tensor), f"{type(module).__name__} has no bias"
+    bias = own.detach().float()
+    if isinstance(module, nn.BatchNorm2d) and module.running_mean is not None and module.running_var is not None:
+        weight = module.weight.detach().float() if module.weight is not None else torch.ones_like(bias)
+        bias = bias - module.running_mean.float() * weight / torch.sqrt(module.running_var.float() + module.eps)
     return bias
 
 
@@ -88,7 +89,8 @@ def scaled_channel_sum(maps: torch.Tensor) -> torch.Tensor:
     flat = maps.flatten(-2)  # (..., C, hw)
     low, high = flat.aminmax(dim=-1)  # (..., C)
     summed = ((flat - low[..., None]) / (high - low + _EPS)[..., None]).sum(dim=-2)
-    return summed.unflatten(-1, maps.shape[-2:])
+    unflat: torch.Tensor = summed.unflatten(-1, maps.shape[-2:])
+    return unflat
 
 
 def fullgrad_map(
@@ -107,7 +109,8 @@ def fullgrad_map(
     by_size: dict[tuple[int, int], torch.Tensor] = defaultdict(lambda: torch.zeros((), device=total.device))
     for bias, gradients in zip(biases, bias_gradients):
         term = scaled_channel_sum((gradients.float() * bias[:, None, None]).abs())
-        by_size[tuple(term.shape[-2:])] = by_size[tuple(term.shape[-2:])] + term
+        resolution = (term.shape[-2], term.shape[-1])
+        by_size[resolution] = by_size[resolution] + term
     for resolution, summed in by_size.items():  # bilinear resizing is linear: once per resolution
         total = total + (summed if resolution == tuple(size) else upsample_bilinear(summed, size))
     return total
