@@ -233,3 +233,14 @@ def test_a_cnn_is_refused_in_one_line():
     with pytest.raises(ExplainkitError, match="no known head for ResNet"):
         final_head(model)
     assert _hooks(model) == 0
+
+
+def test_explainkits_logits_wrapper_is_read_through():
+    from explainkit.models.outputs import LogitsOnly
+
+    wrapped = LogitsOnly(hf_deit_teacher())
+    images = torch.randn(2, 3, 32, 32)
+    with trace_attention(wrapped, (32, 32)) as trace:
+        logits = wrapped(images)
+    assert trace.readout == (0, 1) and trace.prefix_tokens == 2
+    torch.testing.assert_close(final_head(wrapped)(trace.block_outputs[-1]), logits)

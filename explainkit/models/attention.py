@@ -158,6 +158,8 @@ def final_head(model: Any) -> Callable[[torch.Tensor], torch.Tensor]:
     ``DeiTForImageClassification`` and ``DeiTForImageClassificationWithTeacher`` (the average of
     its class and distillation classifiers).
     """
+    if type(model).__name__ == "LogitsOnly":  # explainkit's wrapper that returns a model's logits
+        return final_head(model.model)
     torchvision_vit = _classes("torchvision.models.vision_transformer", ["VisionTransformer"])
     if _is(model, torchvision_vit):
         return lambda tokens: model.heads(model.encoder.ln(tokens)[:, 0])
@@ -183,13 +185,15 @@ def final_head(model: Any) -> Callable[[torch.Tensor], torch.Tensor]:
     )
 
 
-def readout_tokens(model: nn.Module, tokens: int, prefix: int) -> tuple[int, ...]:
+def readout_tokens(model: Any, tokens: int, prefix: int) -> tuple[int, ...]:
     """The token rows the model's head reads, for a sequence of ``tokens`` with ``prefix`` prefix
     tokens: the class token ``(0,)``; ``(0, 1)`` for distilled DeiTs (timm's ``head_dist``, Hugging
     Face's ``...WithTeacher``), whose output averages a class and a distillation head; the patch
     tokens (every token where timm pools with the prefix) for models that pool by the mean or by
     attention (timm ``global_pool`` other than ``"token"``); the class token for other models with
     a prefix, all patch tokens for those without."""
+    if type(model).__name__ == "LogitsOnly":  # explainkit's wrapper that returns a model's logits
+        return readout_tokens(model.model, tokens, prefix)
     patches = tuple(range(prefix, tokens))
     timm_vit = _classes("timm.models.vision_transformer", ["VisionTransformer"])
     if _is(model, timm_vit):
