@@ -4,6 +4,7 @@ every target form, refusal of CNNs and the model left as found."""
 from __future__ import annotations
 
 import copy
+import importlib.util
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ from explainkit.explainers.legrad import LeGrad
 from explainkit.models.attention import attention_blocks, final_head, trace_attention
 from explainkit.models.outputs import logits_of
 from explainkit.targets import BoundTarget, ClassDifference, Target, as_target
-from tests.conftest import correlation
+from tests.conftest import SHARED, correlation
 
 timm = pytest.importorskip("timm")
 
@@ -109,6 +110,29 @@ def test_parity_with_torchcam_legrad(start_block, vit_images):
         assert correlation(raw, theirs).min() > 0.999
         torch.testing.assert_close(normalize_maps(raw), theirs, atol=1e-5, rtol=1e-4)
         assert result.targets.tolist() == model(vit_images).argmax(1).tolist() or classes is not None
+
+
+def test_parity_with_torchcam_on_the_trained_vit():
+    """The trained CIFAR-10 ViT of ../shared (6 blocks, 4 heads, 8x8 patches): sharper attention
+    gradients than random weights, the same maps as torch-cam's."""
+    torchcam_methods = pytest.importorskip("torchcam.methods")
+    weights = SHARED / "models" / "vit-tiny-cifar10.pt"
+    if not weights.exists():
+        pytest.skip(f"trained ViT not found at {weights} (../shared absent)")
+    spec = importlib.util.spec_from_file_location("vit_tiny_cifar10", SHARED / "models" / "vit_tiny_cifar10.py")
+    assert spec is not None and spec.loader is not None
+    architecture = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(architecture)
+    model = architecture.build()
+    model.load_state_dict(torch.load(weights, weights_only=True, map_location="cpu"))
+    model.eval()
+    images = torch.randn(4, 3, 32, 32)
+    for classes in (model(images).argmax(1), torch.tensor([0, 3, 5, 8])):
+        raw = LeGrad(model).compute(images, as_target(classes)).raw  # (4, 8, 8)
+        with torchcam_methods.LeGrad(model, list(model.encoder.layers)) as extractor:
+            theirs = extractor(classes.tolist(), model(images))[0]
+        assert correlation(raw, theirs).min() > 0.999
+        torch.testing.assert_close(normalize_maps(raw), theirs, atol=1e-5, rtol=1e-4)
 
 
 def test_parity_fails_for_the_summed_shortcut(vit_images):
