@@ -67,8 +67,12 @@ class AttentionRollout(AttentionExplainer):
 
     With ``discard_ratio = r > 0`` the ``floor(r T^2)`` smallest entries of each image's fused
     ``\bar A_b`` are set to zero first, except the class token's attention to itself (the filter of
-    jacobgil/vit-explain, per image here where it filters the first image of a batch only; rows
-    are then renormalised, where vit-explain divides by the column sums, equal only at ``r = 0``).
+    jacobgil/vit-explain, per image here where it filters the first image of a batch only).
+
+    Rows are renormalised as the paper says; vit-explain's ``a / a.sum(dim=-1)`` divides entry
+    ``(i, j)`` by the sum of row ``j``, which agrees only where every row already sums to one
+    (mean fusion, no discard). With that one line corrected, its maps and these agree to 2e-4
+    (maps scaled by their maximum) for every fusion and ``r`` in {0, 0.9}.
 
     Models without a class token that pool by the mean (timm ``global_pool="avg"``) read the mean
     of the patch rows of ``R``; distilled DeiTs the mean of the class and distillation rows.
@@ -190,6 +194,9 @@ class CheferRelevance(AttentionExplainer):
     the tokens after it. Where their code reads ``R[0, 1:]`` (one class token) this reads the
     rows the head reads over the patch tokens only, so distillation and register tokens are not
     mapped and a distilled DeiT averages its class and distillation rows, as its head does.
+    On a 3-block ViT whose weights were loaded into both, the maps agree with the authors'
+    ``generate_relevance`` on their ``ViT_new`` (hila-chefer/Transformer-Explainability) to 2e-4
+    relative, per class and for ``targets="all"``.
 
     Every target column comes from one forward and batched backwards w.r.t. all blocks'
     probabilities at once (``is_grads_batched``), ``class_chunk`` columns at a time, fewer when the
