@@ -244,3 +244,27 @@ def test_explainkits_logits_wrapper_is_read_through():
         logits = wrapped(images)
     assert trace.readout == (0, 1) and trace.prefix_tokens == 2
     torch.testing.assert_close(final_head(wrapped)(trace.block_outputs[-1]), logits)
+
+
+def test_concurrent_traces_from_two_threads_record_their_own_forwards():
+    import threading
+
+    model = timm_registers()
+    batches = {0: torch.randn(1, 3, 32, 32), 1: torch.randn(3, 3, 32, 32)}
+    inside = threading.Barrier(2)
+    recorded: dict[int, list] = {}
+
+    def work(k: int) -> None:
+        with trace_attention(model, (32, 32)) as trace:
+            inside.wait(timeout=30)  # both traces open at once
+            model(batches[k])
+            inside.wait(timeout=30)
+        recorded[k] = [p.shape[0] for p in trace.probabilities]
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in batches]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert recorded == {0: [1, 1], 1: [3, 3]}
+    assert model.blocks[0].attn.fused_attn and _hooks(model) == 0
