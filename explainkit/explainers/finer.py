@@ -28,7 +28,8 @@ BASES: dict[str, type[GradientCAM]] = {
 
 
 class FinerCAM(GradientCAM):
-    r"""Finer-CAM (Zhang, Chen, Wang, Chao et al., CVPR 2025, https://arxiv.org/abs/2501.11309).
+    r"""Finer-CAM (Zhang et al., "Finer-CAM: Spotting the Difference Reveals Finer Details for Visual
+    Explanation", CVPR 2025, https://arxiv.org/abs/2501.11309).
 
     A gradient CAM (Grad-CAM by default) whose score is the explained class *against* the classes
     the model finds most like it, so the map keeps the details that tell them apart and drops the

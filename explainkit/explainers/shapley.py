@@ -52,7 +52,7 @@ def shapley_objective(scores: torch.Tensor, leaf: torch.Tensor) -> torch.Tensor:
 
 
 class ShapleyCAM(GradientCAM):
-    r"""ShapleyCAM (Huaiguang Cai, "CAMs as Shapley value-based explainers", 2025,
+    r"""ShapleyCAM (Huaiguang Cai, "CAMs as Shapley Value-based Explainers", arXiv preprint 2025,
     https://arxiv.org/abs/2501.06261; pytorch-grad-cam's ``ShapleyCAM``).
 
     Reads the CAM as a second-order Taylor estimate of each channel's Shapley value: with ``g``
@@ -83,7 +83,8 @@ class ShapleyCAM(GradientCAM):
     and a double backward through it (about three backwards, pytorch-grad-cam's way); for ``J``
     scores per image (``"all"``, top-k, class sets), two backwards for the directional
     derivatives of every column and then one batched backward of ``s - ½ d`` over the columns
-    (chunks of ``class_chunk``), not ``J`` double backwards. All of it only above the layer,
+    (chunks of ``class_chunk``; column by column, with a warning, where an op on the path has no
+    vmap batching rule), not ``J`` double backwards. All of it only above the layer,
     so at ``layer4`` of a ResNet it costs about what Grad-CAM does. Prefer it over Grad-CAM with
     ReST when the classes compete (the softmax part subtracts the evidence for the others); with a
     logit on a ReLU network use Grad-CAM, which it equals.
