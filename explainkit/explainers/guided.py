@@ -108,7 +108,8 @@ class GuidedGradCAM(GradCAM):
     explainkit returns one ``(H, W)`` map per target, so the channels are reduced first: the L2
     norm (default; independent of the colour basis) or the largest absolute value
     (Simonyan et al.'s saliency reduction). ``L >= 0``, so reducing before or after the product
-    is the same.
+    is the same. ``normalize=False`` returns ``ρ(G) ⊙ L`` with ``L`` in [0, 1] (the paper's
+    product); the default scales each product map to [0, 1].
 
     One forward with guided ReLUs and one backward to the input and the layer's output give both
     ``G`` and Grad-CAM's gradients, when no ReLU runs after ``layer`` (the usual last conv
