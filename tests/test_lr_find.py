@@ -34,3 +34,30 @@ def test_too_few_iterations():
     model, optimizer, criterion, loader = _setup()
     with pytest.raises(ExplainkitError, match="num_iter=5: the LR range test needs at least"):
         find_lr(model, optimizer, criterion, loader, torch.device("cpu"), None, num_iter=5)
+
+
+def test_the_sweep_starts_at_start_lr_and_picks_from_its_grid(tmp_path, monkeypatch):
+    """The course's procedure: from the optimizer's 1e-3 (start_lr) to 10; the pick is one of the sweep's
+    LRs ``start * (10 / start) ** (i / (n - 1))``; the course's 1.91e-3 is i = 14 of 200 from 1e-3."""
+    from torch_lr_finder import LRFinder
+
+    seen = {}
+    real = LRFinder.range_test
+
+    def spy(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        seen["lrs"] = list(self.history["lr"])
+
+    monkeypatch.setattr(LRFinder, "range_test", spy)
+    model, optimizer, criterion, loader = _setup()
+    lr = find_lr(model, optimizer, criterion, loader, torch.device("cpu"), None, num_iter=40, start_lr=1e-3)
+    assert seen["lrs"][0] == pytest.approx(1e-3)
+    grid = [1e-3 * (END_LR / 1e-3) ** (i / 39) for i in range(40)]
+    assert any(lr == pytest.approx(g) for g in grid[10:35])
+    assert 1e-3 * (END_LR / 1e-3) ** (14 / 199) == pytest.approx(1.91e-3, rel=2e-3)
+
+
+def test_start_lr_must_be_below_the_end():
+    model, optimizer, criterion, loader = _setup()
+    with pytest.raises(ExplainkitError, match="start_lr=20.0: must be positive and below"):
+        find_lr(model, optimizer, criterion, loader, torch.device("cpu"), None, num_iter=40, start_lr=20.0)

@@ -254,3 +254,118 @@ def test_a_diverging_run_stops_clearly_and_keeps_its_last_good_checkpoint(color_
         train(_recipe(epochs=3), TrainConfig(out, data_dir=color_folder, workers=0, progress=False))
     assert load_checkpoint(out / "last.ckpt")["epoch"] == 1
     assert not (out / "model.pt").exists()
+
+
+# --- the recipe tools -------------------------------------------------------------------------
+def test_ema_is_the_exponential_average_of_the_weights_on_a_two_step_toy():
+    from explainkit.training.ema import WeightsEMA
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    ema = WeightsEMA(model, decay=0.9)
+    snapshots = [{k: v.clone() for k, v in model.state_dict().items()}]
+    for _ in range(2):
+        optimizer.zero_grad()
+        model(torch.randn(8, 3)).pow(2).sum().backward()
+        optimizer.step()
+        ema.update(model)
+        snapshots.append({k: v.clone() for k, v in model.state_dict().items()})
+    w0, w1, w2 = snapshots
+    for key, value in ema.state_dict().items():
+        if value.dtype.is_floating_point:  # parameters and BatchNorm's running statistics
+            expected = 0.9 * (0.9 * w0[key] + 0.1 * w1[key]) + 0.1 * w2[key]
+            torch.testing.assert_close(value, expected)
+            assert not torch.allclose(value, w2[key])
+        else:  # num_batches_tracked: copied
+            assert int(value) == int(w2[key]) == 2
+    assert not any(p.requires_grad for p in ema.model.parameters()) and not ema.model.training
+
+
+def test_tta_flip_averages_the_logits_of_the_image_and_its_flip():
+    from explainkit.runtime.distributed import DistContext
+    from explainkit.training.trainer import evaluate, predict_logits
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
+    images = torch.randn(5, 3, 2, 2)
+    with torch.no_grad():
+        expected = (model(images) + model(images.flip(-1))) / 2
+        torch.testing.assert_close(predict_logits(model, images, tta_flip=True), expected)
+        torch.testing.assert_close(predict_logits(model, images), model(images))
+        assert not torch.allclose(expected, model(images))
+    labels = torch.tensor([0, 1, 2, 0, 1])
+    loss, _ = evaluate(model, [(images, labels)], torch.device("cpu"), 3, DistContext(), amp=False, tta_flip=True)
+    assert loss == pytest.approx(float(torch.nn.functional.cross_entropy(expected, labels, reduction="sum")), rel=1e-5)
+
+
+def test_param_groups_no_decay_on_batchnorm_and_bias_and_a_bn_bias_lr_multiplier():
+    from explainkit.models.store import resnet18_cifar
+    from explainkit.training.trainer import _scheduler, make_optimizer
+
+    model = resnet18_cifar(10)
+    plain = make_optimizer(resolve_recipe("quick"), model, 0.1)
+    assert len(plain.param_groups) == 1 and plain.param_groups[0]["weight_decay"] == 5e-4
+    recipe = resolve_recipe("quick", no_decay_bn_bias=True, bn_bias_lr_mult=4.0)
+    optimizer = make_optimizer(recipe, model, 0.1)
+    weights, small, bn_bias = optimizer.param_groups
+    bn = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert {id(p) for p in bn_bias["params"]} == {id(m.bias) for m in bn}
+    assert {id(p) for p in small["params"]} == {id(m.weight) for m in bn} | {id(model.fc.bias)}
+    assert all(p.dim() > 1 for p in weights["params"])  # conv and linear weights
+    ids = [id(p) for g in optimizer.param_groups for p in g["params"]]
+    assert sorted(ids) == sorted(id(p) for p in model.parameters())  # every parameter exactly once
+    assert (weights["weight_decay"], small["weight_decay"], bn_bias["weight_decay"]) == (5e-4, 0.0, 0.0)
+    assert (weights["lr"], small["lr"], bn_bias["lr"]) == (0.1, 0.1, pytest.approx(0.4))
+    scheduler = _scheduler(recipe, optimizer, 0.1, total_steps=20)
+    peaks = [0.0, 0.0, 0.0]
+    for _ in range(20):
+        optimizer.step()
+        scheduler.step()
+        peaks = [max(p, g["lr"]) for p, g in zip(peaks, optimizer.param_groups)]
+    assert peaks[2] == pytest.approx(4 * peaks[0]) and peaks[1] == pytest.approx(peaks[0])
+    decayed = make_optimizer(resolve_recipe("quick", bn_bias_lr_mult=4.0), model, 0.1)  # the multiplier alone
+    assert [g["weight_decay"] for g in decayed.param_groups] == [5e-4] * 3
+
+
+def test_pytorch_init_is_the_course_models_default_conv_init():
+    from explainkit.training.trainer import new_model
+
+    torch.manual_seed(0)
+    course, ours = new_model(10, "pytorch"), new_model(10, "torchvision")
+    fan_in = 64 * 9
+    assert course.layer1[0].conv1.weight.std().item() == pytest.approx((1 / (3 * fan_in)) ** 0.5, rel=0.05)
+    assert ours.layer1[0].conv1.weight.std().item() == pytest.approx((2 / fan_in) ** 0.5, rel=0.05)  # fan_out = fan_in here
+
+
+def test_reference_range_test_is_the_courses(color_folder, tmp_path, monkeypatch):
+    """``lr="auto"`` with the reference recipe: the sweep starts at 1e-3 and runs 200 batches, with Adam (wd 1e-4)."""
+    from explainkit.training import trainer
+
+    calls = {}
+
+    def fake_find_lr(model, optimizer, criterion, loader, device, out, num_iter, start_lr):
+        calls.update(num_iter=num_iter, start_lr=start_lr, optimizer=type(optimizer).__name__)
+        calls["wd"] = optimizer.param_groups[0]["weight_decay"]
+        return 1.91e-3
+
+    monkeypatch.setattr(trainer, "find_lr", fake_find_lr)
+    recipe = resolve_recipe("reference", epochs=1, batch_size=16, train_limit=32, test_limit=10)
+    run = setup(recipe, TrainConfig(tmp_path, data_dir=color_folder, workers=0, progress=False))
+    data = load_data(recipe, run)
+    chosen, _ = choose_lr(recipe, build_model(len(data.classes), run, recipe.init), data, run)
+    assert chosen.lr == 1.91e-3
+    assert calls == {"num_iter": 200, "start_lr": 1e-3, "optimizer": "Adam", "wd": 1e-4}
+
+
+def test_ema_and_tta_run_evaluates_and_saves_the_averaged_weights(color_folder, tmp_path):
+    recipe = _recipe(epochs=2, ema_decay=0.9, tta_flip=True, no_decay_bn_bias=True, bn_bias_lr_mult=2.0, label_smoothing=0.2)
+    result = train(recipe, TrainConfig(tmp_path, data_dir=color_folder, workers=0, progress=False, reports=False))
+    state = load_checkpoint(tmp_path / "last.ckpt")
+    saved = explainkit.load_model(tmp_path / "model.pt")
+    for key, value in saved.state_dict().items():
+        torch.testing.assert_close(state["ema"][key], value, rtol=1e-3, atol=1e-3)  # the saved model is the EMA
+    assert any(not torch.allclose(state["ema"][k].float(), state["model"][k].float()) for k in state["model"])
+    card = saved.card.extra["recipe"]
+    assert (card["ema_decay"], card["tta_flip"], card["label_smoothing"]) == (0.9, True, 0.2)
+    assert 0 <= result.test_accuracy <= 1 and len(result.history) == 2

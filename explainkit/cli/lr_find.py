@@ -1,4 +1,5 @@
-"""``explainkit lr-find``: the LR range test (Smith 2017) on the reference recipe."""
+"""``explainkit lr-find``: the LR range test (Smith 2017), as the recipe runs it (by default the
+reference recipe: the course's procedure, Adam from 1e-3 to 10 over 200 batches)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", default="outputs", help="output directory (default outputs/)")
     add_device_flags(parser, batch_size=512)
     parser.add_argument("--train-limit", type=positive_int, help="sweep over a seeded random subset of N images")
-    parser.add_argument("--num-iter", type=positive_int, default=100, help="batches in the sweep (default 100)")
+    parser.add_argument(
+        "--recipe",
+        choices=("reference", "default", "quick"),
+        default="reference",
+        help="whose optimizer, loss, init and augmentation",
+    )
+    parser.add_argument("--num-iter", type=positive_int, help="batches in the sweep (default: the recipe's; reference 200)")
+    parser.add_argument(
+        "--start-lr", type=float, help="the sweep's first LR (default: the recipe's; reference 1e-3, the course's Adam LR)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.set_defaults(run=run)
 
@@ -24,9 +34,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from explainkit.training.trainer import TrainConfig, lr_range_test
 
-    recipe = resolve_recipe("reference", batch_size=args.batch_size, train_limit=args.train_limit)
+    recipe = resolve_recipe(
+        args.recipe,
+        batch_size=args.batch_size,
+        train_limit=args.train_limit,
+        lr_find_start=args.start_lr,
+        lr_find_iters=args.num_iter,
+    )
     config = TrainConfig(out=Path(args.out), data_dir=args.data_dir, device=select_device(args.device), seed=args.seed)
-    suggested = lr_range_test(recipe, config, num_iter=args.num_iter)
+    suggested = lr_range_test(recipe, config)
     print(f"suggested LR (steepest gradient): {suggested:.3e}")
     print(config.out / "lr_find.png")
     return 0

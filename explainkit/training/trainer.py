@@ -57,6 +57,7 @@ from explainkit.training.device_data import (
     decode_image_folder,
     split_from_dataset,
 )
+from explainkit.training.ema import WeightsEMA
 from explainkit.training.lr_find import find_lr
 from explainkit.training.recipes import Recipe
 
@@ -83,7 +84,7 @@ class TrainConfig:
     workers: int | None = None  # DataLoader workers (None: 1 on CPU, up to 8 on CUDA)
     data_path: str = "auto"
     compile: bool | str = False
-    lr_find_iters: int = 100
+    lr_find_iters: int | None = None  # None: the recipe's (200 for reference, as the course ran it)
     splits: tuple[DeviceSplit, DeviceSplit] | None = None
     reports: bool = True
     progress: bool = True
@@ -143,6 +144,16 @@ class Learner:
     optimizer: torch.optim.Optimizer
     scheduler: LRScheduler
     criterion: nn.Module
+    ema: WeightsEMA | None = None  # the recipe's weights EMA: evaluated and saved instead of ``model``
+
+    @property
+    def evaluated(self) -> nn.Module:
+        """What evaluation runs and the run saves: the EMA weights if the recipe keeps them, else the network."""
+        return self.ema.model if self.ema is not None else self.net
+
+    @property
+    def saved(self) -> nn.Module:
+        return self.ema.model if self.ema is not None else self.model
 
 
 @dataclass
@@ -357,12 +368,37 @@ def _write_history(path: Path, history: list[dict[str, float]]) -> None:
 
 
 # --- optimisation -------------------------------------------------------------------------------
+def param_groups(recipe: Recipe, model: nn.Module, lr: float) -> list[dict[str, Any]]:
+    """The optimiser's parameter groups: one group unless the recipe sets ``no_decay_bn_bias`` or
+    ``bn_bias_lr_mult``; then conv/linear weights (the recipe's weight decay), BatchNorm weights and
+    other biases (no decay with ``no_decay_bn_bias``) and BatchNorm biases (also ``bn_bias_lr_mult``
+    times the LR). Each group's ``lr_mult`` scales the schedule's max LR."""
+    if not recipe.no_decay_bn_bias and recipe.bn_bias_lr_mult == 1.0:
+        return [{"params": list(model.parameters()), "weight_decay": recipe.weight_decay, "lr": lr, "lr_mult": 1.0}]
+    bn_bias: list[nn.Parameter] = []
+    plain: list[nn.Parameter] = []  # BatchNorm weights and the biases of other layers
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._NormBase):
+            bn_bias += [module.bias] if module.bias is not None else []
+            plain += [module.weight] if module.weight is not None else []
+        elif getattr(module, "bias", None) is not None and isinstance(module.bias, nn.Parameter):
+            plain.append(module.bias)
+    ids = {id(p) for p in bn_bias + plain}
+    weights = [p for p in model.parameters() if id(p) not in ids]
+    small_decay = 0.0 if recipe.no_decay_bn_bias else recipe.weight_decay
+    groups = [
+        {"params": weights, "weight_decay": recipe.weight_decay, "lr": lr, "lr_mult": 1.0},
+        {"params": plain, "weight_decay": small_decay, "lr": lr, "lr_mult": 1.0},
+        {"params": bn_bias, "weight_decay": small_decay, "lr": lr * recipe.bn_bias_lr_mult, "lr_mult": recipe.bn_bias_lr_mult},
+    ]
+    return [group for group in groups if group["params"]]
+
+
 def make_optimizer(recipe: Recipe, model: nn.Module, lr: float) -> torch.optim.Optimizer:
+    groups = param_groups(recipe, model, lr)
     if recipe.optimizer == "adam":
-        return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=recipe.weight_decay)
-    return torch.optim.SGD(
-        model.parameters(), lr=lr, momentum=recipe.momentum, nesterov=recipe.nesterov, weight_decay=recipe.weight_decay
-    )
+        return torch.optim.Adam(groups, lr=lr, weight_decay=recipe.weight_decay)
+    return torch.optim.SGD(groups, lr=lr, momentum=recipe.momentum, nesterov=recipe.nesterov, weight_decay=recipe.weight_decay)
 
 
 def _scheduler(recipe: Recipe, optimizer: torch.optim.Optimizer, max_lr: float, total_steps: int) -> LRScheduler:
@@ -372,7 +408,7 @@ def _scheduler(recipe: Recipe, optimizer: torch.optim.Optimizer, max_lr: float, 
     pct_start = min(max(recipe.pct_start, 2.0 / total_steps), 0.5)
     return torch.optim.lr_scheduler.OneCycleLR(
         optimizer,
-        max_lr=max_lr,
+        max_lr=[max_lr * group.get("lr_mult", 1.0) for group in optimizer.param_groups],
         total_steps=total_steps,
         pct_start=pct_start,
         div_factor=recipe.div_factor,
@@ -386,17 +422,32 @@ def _criterion(recipe: Recipe) -> nn.Module:
     return nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
 
 
+def predict_logits(model: nn.Module, images: torch.Tensor, tta_flip: bool = False) -> torch.Tensor:
+    """float32 logits; with ``tta_flip`` the mean of the logits of the images and of their horizontal flips."""
+    logits = model(images).float()
+    if tta_flip:
+        logits = (logits + model(images.flip(-1)).float()) / 2
+    return logits
+
+
 def evaluate(
-    model: nn.Module, loader: Iterable, device: torch.device, num_classes: int, ctx: DistContext, amp: bool
+    model: nn.Module,
+    loader: Iterable,
+    device: torch.device,
+    num_classes: int,
+    ctx: DistContext,
+    amp: bool,
+    tta_flip: bool = False,
 ) -> tuple[float, torch.Tensor]:
-    """(summed loss, confusion matrix [true, predicted]) over every test image exactly once across ranks."""
+    """(summed loss, confusion matrix [true, predicted]) over every test image exactly once across ranks
+    (``tta_flip``: on the mean logits of each image and its horizontal flip)."""
     model.eval()
     confusion = torch.zeros(num_classes * num_classes, dtype=torch.float64, device=device)
     loss = torch.zeros((), dtype=torch.float64, device=device)
     with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
         for images, labels in loader:
             images, labels = device_layout(images.to(device, non_blocking=True), device), labels.to(device, non_blocking=True)
-            logits = model(images).float()
+            logits = predict_logits(model, images, tta_flip)
             loss += F.cross_entropy(logits, labels, reduction="sum")
             confusion += torch.bincount(labels * num_classes + logits.argmax(1), minlength=num_classes**2)
     if ctx.enabled:
@@ -423,6 +474,8 @@ def train_one_epoch(learner: Learner, data: TrainData, run: Run, desc: str) -> E
         loss.backward()
         learner.optimizer.step()
         learner.scheduler.step()
+        if learner.ema is not None:
+            learner.ema.update(learner.model)
         seen += labels.numel()
         correct += (logits.argmax(1) == labels).sum()
         loss_sum += loss.detach() * labels.numel()
@@ -458,7 +511,18 @@ def resume_state(recipe: Recipe, run: Run) -> tuple[Recipe, dict[str, Any] | Non
         raise ExplainkitError(f"resume=True: no {path} to continue from; pass resume=False")
     checkpoint = load_checkpoint(path)
     saved = checkpoint["recipe"]
-    recipe = replace(recipe, **{k: saved[k] for k in ("lr", "batch_size", "optimizer", "schedule", "train_limit", "test_limit")})
+    kept = (
+        "lr",
+        "batch_size",
+        "optimizer",
+        "schedule",
+        "train_limit",
+        "test_limit",
+        "no_decay_bn_bias",
+        "bn_bias_lr_mult",
+        "ema_decay",
+    )
+    recipe = replace(recipe, **{k: saved[k] for k in kept if k in saved})  # what the optimizer state's shape depends on
     return recipe, checkpoint
 
 
@@ -471,13 +535,29 @@ def load_data(recipe: Recipe, run: Run) -> TrainData:
     return data
 
 
-def build_model(num_classes: int, run: Run) -> nn.Module:
-    """Seed every generator, then a fresh CIFAR ResNet18 on the device (channels_last on CUDA)."""
+def new_model(num_classes: int, init: str = "torchvision") -> nn.Module:
+    """A fresh CIFAR ResNet18. ``init="torchvision"``: torchvision's (kaiming normal, fan_out, for the
+    convolutions); ``"pytorch"``: every convolution re-initialised with ``nn.Conv2d``'s own default
+    (kaiming uniform, a=sqrt(5)), as the course's kuangliu-style ResNet18 had: 2.4x smaller weights in
+    the 3x3 convolutions, so the same Adam step moves them relatively further (BatchNorm follows each)."""
+    model = resnet18_cifar(num_classes)
+    if init == "pytorch":
+        for module in model.modules():
+            if isinstance(module, nn.Conv2d):
+                module.reset_parameters()
+    elif init != "torchvision":
+        raise ExplainkitError(f"init={init!r}: must be one of torchvision, pytorch")
+    return model
+
+
+def build_model(num_classes: int, run: Run, init: str = "torchvision") -> nn.Module:
+    """Seed every generator, then a fresh CIFAR ResNet18 (``init``: see :func:`new_model`) on the device
+    (channels_last on CUDA)."""
     seed = run.config.seed
     torch.manual_seed(seed)
     random.seed(seed)
     np.random.seed(seed)
-    model = device_layout(resnet18_cifar(num_classes).to(run.device), run.device)
+    model = device_layout(new_model(num_classes, init).to(run.device), run.device)
     if run.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     return model
@@ -491,8 +571,11 @@ def choose_lr(recipe: Recipe, model: nn.Module, data: TrainData, run: Run, fresh
     ctx = run.ctx
     suggestion = [0.0]
     if ctx.is_main:
-        probe = make_optimizer(recipe, model, 1e-7)
-        suggestion[0] = find_lr(model, probe, _criterion(recipe), data.train, run.device, run.out, run.config.lr_find_iters)
+        probe = make_optimizer(recipe, model, recipe.lr_find_start)
+        iters = run.config.lr_find_iters or recipe.lr_find_iters
+        suggestion[0] = find_lr(
+            model, probe, _criterion(recipe), data.train, run.device, run.out, iters, start_lr=recipe.lr_find_start
+        )
         print(f"LR range test: steepest gradient at {suggestion[0]:.3e}; OneCycle max_lr = that", flush=True)
     if ctx.enabled:
         torch.distributed.broadcast_object_list(suggestion, src=0)
@@ -509,7 +592,8 @@ def make_learner(recipe: Recipe, model: nn.Module, run: Run, total_steps: int) -
         net = torch.compile(net, backend=backend)  # type: ignore[assignment]
     max_lr = float(recipe.lr)
     optimizer = make_optimizer(recipe, model, max_lr)
-    return Learner(model, net, optimizer, _scheduler(recipe, optimizer, max_lr, total_steps), _criterion(recipe))
+    ema = WeightsEMA(model, recipe.ema_decay) if recipe.ema_decay > 0 else None
+    return Learner(model, net, optimizer, _scheduler(recipe, optimizer, max_lr, total_steps), _criterion(recipe), ema)
 
 
 def restore(learner: Learner, checkpoint: dict[str, Any] | None, run: Run, epochs: int) -> Progress:
@@ -519,6 +603,8 @@ def restore(learner: Learner, checkpoint: dict[str, Any] | None, run: Run, epoch
     learner.model.load_state_dict(checkpoint["model"])
     learner.optimizer.load_state_dict(checkpoint["optimizer"])
     learner.scheduler.load_state_dict(checkpoint["scheduler"])
+    if learner.ema is not None:
+        learner.ema.load_state_dict(checkpoint.get("ema") or checkpoint["model"])
     _set_rng_state(checkpoint["rng"])
     progress = Progress(history=list(checkpoint["history"]), epoch=int(checkpoint["epoch"]))
     if progress.epoch >= epochs and run.ctx.is_main:
@@ -526,12 +612,19 @@ def restore(learner: Learner, checkpoint: dict[str, Any] | None, run: Run, epoch
     return progress
 
 
-def run_epoch(learner: Learner, data: TrainData, run: Run, epoch: int, epochs: int) -> tuple[dict[str, float], torch.Tensor]:
+def evaluate_learner(learner: Learner, data: TrainData, run: Run, tta_flip: bool = False) -> tuple[float, torch.Tensor]:
+    """:func:`evaluate` on what the run evaluates (the EMA weights if kept), with the recipe's TTA."""
+    return evaluate(learner.evaluated, data.test, run.device, len(data.classes), run.ctx, run.amp, tta_flip)
+
+
+def run_epoch(
+    learner: Learner, data: TrainData, run: Run, epoch: int, epochs: int, tta_flip: bool = False
+) -> tuple[dict[str, float], torch.Tensor]:
     """Train one epoch, then evaluate: (the history row, the test confusion matrix)."""
     started = time.perf_counter()
     data.start_epoch(epoch)
     totals = train_one_epoch(learner, data, run, f"Epoch {epoch + 1}/{epochs}")
-    test_loss, confusion = evaluate(learner.net, data.test, run.device, len(data.classes), run.ctx, run.amp)
+    test_loss, confusion = evaluate_learner(learner, data, run, tta_flip)
     test_total = float(confusion.sum())
     row = {
         "epoch": epoch + 1,
@@ -552,6 +645,7 @@ def save_progress(recipe: Recipe, learner: Learner, run: Run, progress: Progress
         model=learner.model.state_dict(),
         optimizer=learner.optimizer.state_dict(),
         scheduler=learner.scheduler.state_dict(),
+        ema=learner.ema.state_dict() if learner.ema is not None else None,
         epoch=progress.epoch,
         rng=_rng_state(),
         history=progress.history,
@@ -565,7 +659,7 @@ def run_epochs(recipe: Recipe, learner: Learner, data: TrainData, run: Run, prog
     """The remaining epochs; rank 0 logs each and checkpoints after it."""
     started = time.perf_counter()
     for epoch in range(progress.epoch, recipe.epochs):
-        row, confusion = run_epoch(learner, data, run, epoch, recipe.epochs)
+        row, confusion = run_epoch(learner, data, run, epoch, recipe.epochs, recipe.tta_flip)
         check_finite_loss(row, run, progress)  # before anything is saved: the last good checkpoint stays
         progress.confusion = confusion
         progress.history.append(row)
@@ -598,10 +692,10 @@ def check_finite_loss(row: dict[str, float], run: Run, progress: Progress) -> No
     )
 
 
-def final_confusion(learner: Learner, data: TrainData, run: Run, progress: Progress) -> torch.Tensor:
+def final_confusion(learner: Learner, data: TrainData, run: Run, progress: Progress, tta_flip: bool = False) -> torch.Tensor:
     """The last epoch's confusion matrix; a resumed finished run has none, so evaluate once for the reports."""
     if progress.confusion is None:
-        _, progress.confusion = evaluate(learner.net, data.test, run.device, len(data.classes), run.ctx, run.amp)
+        _, progress.confusion = evaluate_learner(learner, data, run, tta_flip)
     return progress.confusion
 
 
@@ -638,11 +732,11 @@ def finish(recipe: Recipe, learner: Learner, data: TrainData, run: Run, progress
     """Rank 0: the model with its card, and the report figures if asked; the paths written."""
     model_path = run.out / "model.pt"
     card = make_card(recipe, data, run, progress)
-    save_model(learner.model, card, model_path)
+    save_model(learner.saved, card, model_path)
     outputs = [model_path, model_path.with_suffix(".json"), run.checkpoint_path, run.out / "history.csv"]
     if run.config.reports:
         outputs += report_figures.write_reports(
-            run.out, progress.history, progress.evaluation(), learner.model, data.report_test, data.report_train, card, run.device
+            run.out, progress.history, progress.evaluation(), learner.saved, data.report_test, data.report_train, card, run.device
         )
     return outputs
 
@@ -652,11 +746,11 @@ def train(recipe: Recipe, config: TrainConfig) -> TrainResult:
     run = setup(recipe, config)
     recipe, checkpoint = resume_state(recipe, run)
     data = load_data(recipe, run)
-    model = build_model(len(data.classes), run)
+    model = build_model(len(data.classes), run, recipe.init)
     recipe, outputs = choose_lr(recipe, model, data, run, fresh=checkpoint is None)
     learner = make_learner(recipe, model, run, total_steps=recipe.epochs * data.steps)
     progress = run_epochs(recipe, learner, data, run, restore(learner, checkpoint, run, recipe.epochs))
-    final_confusion(learner, data, run, progress)
+    final_confusion(learner, data, run, progress, recipe.tta_flip)
     if run.ctx.is_main:
         outputs += finish(recipe, learner, data, run, progress)
     run.ctx.barrier()
@@ -665,9 +759,11 @@ def train(recipe: Recipe, config: TrainConfig) -> TrainResult:
 
 
 # --- the LR range test on its own ---------------------------------------------------------------
-def lr_range_test(recipe: Recipe, config: TrainConfig, num_iter: int = 100) -> float:
-    """The LR range test alone (``explainkit lr-find``): a fresh model over the recipe's training
-    split (``train_limit``: a seeded random subset); writes ``lr_find.png`` into ``config.out``."""
+def lr_range_test(recipe: Recipe, config: TrainConfig, num_iter: int | None = None) -> float:
+    """The LR range test alone (``explainkit lr-find``): a fresh model (the recipe's ``init``) over the
+    recipe's augmented training split (``train_limit``: a seeded random subset), from the recipe's
+    ``lr_find_start`` to 10 over ``num_iter`` (default the recipe's ``lr_find_iters``) batches, with
+    the recipe's optimizer and loss; writes ``lr_find.png`` into ``config.out``."""
     device = config.device or torch.device("cpu")
     out = ensure_writable_dir(config.out)
     train_set, _, classes = load_datasets(config.data_dir, recipe, ModelCard())
@@ -682,5 +778,7 @@ def lr_range_test(recipe: Recipe, config: TrainConfig, num_iter: int = 100) -> f
         num_workers=workers,
         pin_memory=device.type == "cuda",
     )
-    model = resnet18_cifar(len(classes)).to(device)
-    return find_lr(model, make_optimizer(recipe, model, 1e-7), nn.CrossEntropyLoss(), loader, device, out, num_iter=num_iter)
+    model = new_model(len(classes), recipe.init).to(device)
+    optimizer = make_optimizer(recipe, model, recipe.lr_find_start)
+    iters = num_iter or config.lr_find_iters or recipe.lr_find_iters
+    return find_lr(model, optimizer, _criterion(recipe), loader, device, out, num_iter=iters, start_lr=recipe.lr_find_start)
