@@ -72,7 +72,9 @@ def test_refinecam_parity_with_pytorch_grad_cam_trained_model(trained_model):
 
 
 @pytest.mark.parametrize("method", [GradCAM, LayerCAM], ids=["gradcam (channel weights)", "layercam (contributions)"])
-@pytest.mark.parametrize("targets", [None, "all", ("topk", 2), lambda out: out[:, 0] - out[:, 1]], ids=["pred", "all", "top2", "fn"])
+@pytest.mark.parametrize(
+    "targets", [None, "all", ("topk", 2), lambda out: out[:, 0] - out[:, 1]], ids=["pred", "all", "top2", "fn"]
+)
 def test_per_layer_maps_equal_single_layer_maps(method, targets, random_model, images):
     fused = PolyCAM(random_model, layers=LAYERS, method=method)
     assert fused.joint  # one forward, one backward for all layers
@@ -170,7 +172,9 @@ def _authors_polycam(maps):
         if prev is None:
             prev = activation
         else:
-            norm = F.interpolate(F.interpolate(activation, prev.shape[-2:], mode="bilinear"), activation.shape[-2:], mode="bilinear")
+            norm = F.interpolate(
+                F.interpolate(activation, prev.shape[-2:], mode="bilinear"), activation.shape[-2:], mode="bilinear"
+            )
             activation = activation / torch.maximum(norm, torch.tensor(1e-12))
             prev = activation * F.interpolate(prev, activation.shape[-2:], mode="bilinear")
         prev = torch.relu(prev)

@@ -25,8 +25,9 @@ from __future__ import annotations
 import inspect
 import threading
 import warnings
+from abc import abstractmethod
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence, cast
 
 import torch
 import torch.nn as nn
@@ -43,7 +44,7 @@ from explainkit.explainers.base import (
     upsample_bilinear,
 )
 from explainkit.explainers.gradient import GradientCAM
-from explainkit.models.layers import _POOLS, default_layer, resolve_layer, trace_layers
+from explainkit.models.layers import _POOLS, resolve_layer, trace_layers
 from explainkit.models.layouts import infer_layout, resolve_layout
 from explainkit.models.modes import evaluation_mode
 from explainkit.targets import BoundTarget, Target, Targets, as_target
@@ -133,14 +134,13 @@ def resolve_fusion_layers(
     given as such a list, or :func:`default_fusion_layers` below ``layer`` (a single layer: the deepest)."""
     if layers is not None and layer is not None:
         raise ExplainkitError("give layers=[...] or one layer (the deepest, fused with those before it), not both")
-    given = layers if layers is not None else layer
+    given: Any = layers if layers is not None else layer
     if isinstance(given, str) and "," in given:
         given = parse_layers(given)
-    if given is None or isinstance(given, (str, nn.Module)):
-        if layers is not None:  # layers="layer4": a list of one
-            given = [given]
-        else:
-            given = default_fusion_layers(model, given)
+    if isinstance(given, (str, nn.Module)) and layers is not None:  # layers="layer4": a list of one
+        given = [given]
+    elif given is None or isinstance(given, (str, nn.Module)):
+        given = default_fusion_layers(model, given)
     if not isinstance(given, (list, tuple)):
         raise ExplainkitError(f"layers must be a list of dotted layer names or modules, not {type(given).__name__}")
     if len(given) < 2:
@@ -169,14 +169,16 @@ def _method_factory(method: Method) -> tuple[str, Callable[..., Explainer], Any]
     """``(name, factory returning an Explainer, what to check options against)`` for ``method``."""
     from explainkit.registry import as_explainer_factory, require_explainer
 
+    factory: Callable[..., Explainer]
+    registered: Any
     if isinstance(method, str):
         registration = require_explainer(method)
         factory, registered, name = registration.factory, registration.registered, method
     elif isinstance(method, type) and issubclass(method, Explainer):
         factory, registered, name = method, method, method.name
     elif callable(method):
-        name = getattr(method, "name", None) or getattr(method, "__name__", type(method).__name__)
-        factory, registered = as_explainer_factory(name, method), method
+        name = str(getattr(method, "name", None) or getattr(method, "__name__", type(method).__name__))
+        factory, registered = as_explainer_factory(name, cast(Callable[..., Any], method)), method
     else:
         raise ExplainkitError(f"method must be a registered explainer name or an explainer class, not {type(method).__name__}")
     if isinstance(registered, type) and issubclass(registered, FusedCAM):
@@ -259,7 +261,9 @@ def layer_outputs_as_leaves(layers: Sequence[nn.Module]) -> Iterator[tuple[dict[
         torch.set_grad_enabled(grad_enabled)
 
 
-def _gradients(scores: torch.Tensor, tensors: list[torch.Tensor], grad_outputs: torch.Tensor, retain_graph: bool) -> list[torch.Tensor]:
+def _gradients(
+    scores: torch.Tensor, tensors: list[torch.Tensor], grad_outputs: torch.Tensor, retain_graph: bool
+) -> list[torch.Tensor]:
     """``d(scores . grad_outputs)/d tensors[l]`` for every ``l``, in one backward; zeros where the
     scores do not depend on a layer (a constant user target)."""
     if not scores.requires_grad:
@@ -279,7 +283,9 @@ def _batched_gradients(
         try:
             # The graph is kept through this try (its buffers are freed with it on return): a
             # backward that fails half-way under vmap must leave it whole for the loop below.
-            found = torch.autograd.grad(scores, tensors, grad_outputs, is_grads_batched=True, retain_graph=True, allow_unused=True)
+            found = torch.autograd.grad(
+                scores, tensors, grad_outputs, is_grads_batched=True, retain_graph=True, allow_unused=True
+            )
             return [t.new_zeros(grad_outputs.shape[0], *t.shape) if g is None else g for g, t in zip(found, tensors)]
         except RuntimeError as exc:  # an op without a batching rule
             warnings.warn(f"batched gradients unavailable ({exc}); computing columns one by one", RuntimeWarning, stacklevel=3)
@@ -340,10 +346,10 @@ class FusedCAM(Explainer):
 
     # the rule ---------------------------------------------------------------------------------
 
+    @abstractmethod
     def fuse(self, maps: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
         """Fuse raw per-layer maps ``(..., h_l, w_l)`` (in :attr:`layer_names` order) into one
         ``(..., h, w)`` map at any resolution; ``size`` is the input's ``(H, W)``."""
-        raise NotImplementedError
 
     # the per-layer maps -----------------------------------------------------------------------
 
@@ -359,27 +365,28 @@ class FusedCAM(Explainer):
         return raws, bound, scores
 
     def _gradient_maps(self, images: torch.Tensor, target: Target) -> tuple[list[torch.Tensor], BoundTarget, torch.Tensor]:
-        first = self.explainers[0]
+        explainers = cast(list[GradientCAM], self.explainers)  # self.joint: all GradientCAMs
+        first = explainers[0]
         autocast = torch.autocast(images.device.type, dtype=first.autocast, enabled=first.autocast is not None)
-        with target.forward_context(), layer_outputs_as_leaves([e.layer for e in self.explainers]) as (captured, outputs), autocast:
+        with target.forward_context(), layer_outputs_as_leaves([e.layer for e in explainers]) as (captured, outputs), autocast:
             output = self.model(images)
             missing = [name for i, name in enumerate(self.layer_names) if i not in captured]
             if missing:
                 raise ExplainkitError(f"layers {', '.join(map(repr, missing))} did not run in the model's forward pass")
             bound = target.bind(output)
             scores = bound(output)  # (N,) or (N, J)
-        tensors = [captured[i] for i in range(len(self.explainers))]  # what the gradients are taken for
-        layer_outputs = [outputs[i] for i in range(len(self.explainers))]
+        tensors = [captured[i] for i in range(len(explainers))]  # what the gradients are taken for
+        layer_outputs = [outputs[i] for i in range(len(explainers))]
         layouts = [
             resolve_layout(e.layout, t, images, self.model, name)
-            for e, t, name in zip(self.explainers, layer_outputs, self.layer_names)
+            for e, t, name in zip(explainers, layer_outputs, self.layer_names)
         ]
         activations = [layout.to_channels_first(t.float()) for layout, t in zip(layouts, layer_outputs)]
 
         def cams(gradients: list[torch.Tensor]) -> list[torch.Tensor]:
             return [
                 e._cam(a, layout.to_channels_first(g.float()))
-                for e, a, layout, g in zip(self.explainers, activations, layouts, gradients)
+                for e, a, layout, g in zip(explainers, activations, layouts, gradients)
             ]
 
         if scores.ndim == 1:
