@@ -424,7 +424,7 @@ def _criterion(recipe: Recipe) -> nn.Module:
 
 def predict_logits(model: nn.Module, images: torch.Tensor, tta_flip: bool = False) -> torch.Tensor:
     """float32 logits; with ``tta_flip`` the mean of the logits of the images and of their horizontal flips."""
-    logits = model(images).float()
+    logits: torch.Tensor = model(images).float()
     if tta_flip:
         logits = (logits + model(images.flip(-1)).float()) / 2
     return logits
