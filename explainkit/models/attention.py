@@ -316,7 +316,7 @@ class _Patch:
         self.undo.append(handle.remove)
 
     def _apply_hf(self, attention: Any) -> None:
-        config = attention.config
+        config: Any = getattr(attention, "config", None) or getattr(self.model, "config", None)
         if not any(seen is config for seen in self.configs):
             self.configs.append(config)
             implementation = config._attn_implementation
@@ -342,12 +342,19 @@ def _block_hook(patch: _Patch, name: str, module: nn.Module, inputs: tuple, outp
     patch.record_block(name, output)
 
 
-def _probabilities_hook(patch: _Patch, position: int | None, module: nn.Module, inputs: tuple, output: Any) -> None:
+def _probabilities_hook(patch: _Patch, position: int, module: nn.Module, inputs: tuple, output: Any) -> None:
     """timm's ``attn_drop`` returns ``A`` itself (position 0 of a tensor); Hugging Face's attention
     returns ``(output, A)`` (position 1)."""
-    probabilities = output if isinstance(output, torch.Tensor) else output[position]
+    if isinstance(output, torch.Tensor):
+        probabilities: object = output
+    else:
+        probabilities = output[position] if isinstance(output, (tuple, list)) and len(output) > position else None
     if not isinstance(probabilities, torch.Tensor):
-        raise ExplainkitError(f"{type(module).__name__} returned no attention probabilities; is its eager path switched off?")
+        version = getattr(sys.modules.get("transformers"), "__version__", "?")
+        raise ExplainkitError(
+            f"{type(module).__name__} returned no attention probabilities (transformers {version}); attention methods "
+            "read Hugging Face ViTs from transformers >= 5, whose eager attention returns them"
+        )
     patch.record_attention(probabilities)
 
 
