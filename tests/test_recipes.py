@@ -49,3 +49,34 @@ def test_bad_values(overrides, message):
         resolve_recipe("default", **overrides)
     with pytest.raises(ExplainkitError, match="recipe='fast': unknown recipe"):
         resolve_recipe("fast")
+
+
+def test_train_flags_set_the_recipe_fields(monkeypatch, tmp_path):
+    """Every recipe flag of ``explainkit train`` reaches the Recipe field of the same name; absent flags keep the recipe's."""
+    from dataclasses import fields
+    from pathlib import Path
+
+    from explainkit.cli import build_parser
+    from explainkit.cli.train import RECIPE_FLAGS
+    from explainkit.training import trainer
+
+    assert set(RECIPE_FLAGS) <= {f.name for f in fields(RECIPES["reference"])}
+    seen = []
+
+    def fake_train(recipe, config):
+        seen.append(recipe)
+        return trainer.TrainResult(Path(config.out) / "model.pt", [], 0.5, [])
+
+    monkeypatch.setattr(trainer, "train", fake_train)
+    flags = "--cutout inside --cutout-fill mean --cutout-p 0.5 --init torchvision --label-smoothing 0.2 --ema 0.999"
+    flags += " --tta-flip --no-decay-bn-bias --bn-bias-lr-mult 64 --lr-find-start 1e-7 --lr-find-iters 100 --horizontal-flip --epochs 30"
+    parser = build_parser()
+    for argv in (["--recipe", "reference"], ["--recipe", "reference", *flags.split()]):
+        args = parser.parse_args(["train", *argv, "--out", str(tmp_path), "--device", "cpu"])
+        assert args.run(args) == 0
+    plain, flagged = seen
+    assert plain == RECIPES["reference"]
+    assert (flagged.cutout, flagged.cutout_fill, flagged.cutout_p, flagged.init) == ("inside", "mean", 0.5, "torchvision")
+    assert (flagged.label_smoothing, flagged.ema_decay, flagged.tta_flip, flagged.no_decay_bn_bias) == (0.2, 0.999, True, True)
+    assert (flagged.bn_bias_lr_mult, flagged.lr_find_start, flagged.lr_find_iters) == (64.0, 1e-7, 100)
+    assert flagged.horizontal_flip and flagged.epochs == 30
