@@ -27,6 +27,8 @@ from explainkit.explainers.fusion import (
     local_relevance_normalization,
     parse_layers,
     percentile_normalize,
+    poly_rule,
+    refine_rule,
 )
 from explainkit.explainers.gradient import GradCAM, LayerCAM
 from explainkit.models.layers import default_layer
@@ -134,7 +136,7 @@ def test_layer_outputs_as_leaves_keeps_the_path_to_shallow_layers(random_model, 
 def test_refinecam_rule_is_the_product_of_scaled_upsampled_maps():
     deep = torch.tensor([[[-1.0, 2.0], [0.0, 4.0]]])  # ReLU, scale to [0, 1]: [[0, .5], [0, 1]]
     shallow = torch.arange(16.0).view(1, 4, 4) - 5
-    fused = RefineCAM.fuse(None, [shallow, deep], (4, 4))
+    fused = refine_rule([shallow, deep], (4, 4))
     scaled_deep = F.interpolate(torch.tensor([[[[0.0, 0.5], [0.0, 1.0]]]]), (4, 4), mode="bilinear")[0]
     scaled_deep = (scaled_deep - scaled_deep.min()) / (scaled_deep.max() - scaled_deep.min())
     scaled_shallow = (shallow.relu() - 0) / 10
@@ -147,10 +149,10 @@ def test_polycam_rule_local_normalisation_and_percentiles_by_hand():
     shallow = torch.arange(16.0).view(1, 4, 4)
     deep = torch.full((1, 1, 1), 3.0)
     torch.testing.assert_close(local_relevance_normalization(shallow, (1, 1)), shallow / 7.5)
-    fused = PolyCAM.fuse(None, [shallow, deep], (4, 4))
+    fused = poly_rule([shallow, deep], (4, 4))
     # p0.1 of 0..15 (x 3/7.5) is 0.015, p99.9 is 14.985: (x - 0.015) / 14.985 clipped
     torch.testing.assert_close(fused, ((shallow - 0.015) / 14.985).clamp(0, 1))
-    assert PolyCAM.fuse(None, [shallow, -deep], (4, 4)).eq(0).all()  # no deep evidence: nothing
+    assert poly_rule([shallow, -deep], (4, 4)).eq(0).all()  # no deep evidence: nothing
 
 
 def test_polycam_rule_upsamples_the_deep_map_into_the_shallow_one_by_hand():
@@ -160,8 +162,8 @@ def test_polycam_rule_upsamples_the_deep_map_into_the_shallow_one_by_hand():
     upsampled = weights[:, None] * weights[None, :]
     high = 0.75 + 0.985 * 0.25  # p99.9 of its 16 values (..., 0.75, 0.75, 1); p0.1 is 0
     expected = (upsampled / high).clamp(0, 1)[None]
-    torch.testing.assert_close(PolyCAM.fuse(None, [shallow, deep], (4, 4)), expected)
-    torch.testing.assert_close(PolyCAM.fuse(None, [deep, shallow], (4, 4)), expected)  # any order: by resolution
+    torch.testing.assert_close(poly_rule([shallow, deep], (4, 4)), expected)
+    torch.testing.assert_close(poly_rule([deep, shallow], (4, 4)), expected)  # any order: by resolution
 
 
 def _authors_polycam(maps):
@@ -187,7 +189,7 @@ def _authors_polycam(maps):
 def test_polycam_rule_equals_the_authors_code_on_three_layers():
     torch.manual_seed(0)
     maps = [torch.randn(5, 16, 16), torch.randn(5, 8, 8) + 0.5, torch.randn(5, 4, 4) + 1]
-    torch.testing.assert_close(PolyCAM.fuse(None, maps, (32, 32)), _authors_polycam(maps), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(poly_rule(maps, (32, 32)), _authors_polycam(maps), rtol=1e-5, atol=1e-6)
 
 
 def test_percentile_normalize_matches_numpy():
@@ -394,10 +396,44 @@ def test_unknown_layer_is_a_layer_error(random_model):
 
 
 def test_fuse_layers_rejects_unknown_rules(random_model):
-    with pytest.raises(ExplainkitError, match="rule must be one of refine, poly"):
+    with pytest.raises(ExplainkitError, match="rule must be one of poly, refine"):
         fuse_layers("mean", random_model, layers=LAYERS)
 
 
 def test_fused_classes_carry_their_family():
     assert FusedCAM.family == RefineCAM.family == PolyCAM.family == "fusion"
-    assert (RefineCAM.name, PolyCAM.name) == ("refinecam", "polycam")
+    assert (FusedCAM.name, RefineCAM.name, PolyCAM.name) == ("fusedcam", "refinecam", "polycam")
+
+
+@pytest.mark.parametrize("rule, named", [("refine", RefineCAM), ("poly", PolyCAM), ("polycam", PolyCAM)])
+def test_fusedcam_rule_option_is_the_named_classes(rule, named, random_model, images):
+    general = FusedCAM(random_model, layers=LAYERS, method="layercam", rule=rule)
+    assert general.rule == named(random_model, layers=LAYERS).rule
+    torch.testing.assert_close(general(images, "all"), named(random_model, layers=LAYERS, method="layercam")(images, "all"))
+    assert repr(general).endswith(f"rule={general.rule!r})")
+
+
+def test_fusedcam_with_defaults_is_refinecam_at_the_default_layers(random_model, images):
+    torch.testing.assert_close(FusedCAM(random_model)(images), RefineCAM(random_model)(images))
+
+
+@pytest.mark.parametrize("rule", ["mean", None, 3])
+def test_bad_rule_is_an_error_naming_rule(rule, random_model):
+    with pytest.raises(ExplainkitError, match="rule must be one of poly, refine"):
+        FusedCAM(random_model, layers=LAYERS, rule=rule)
+
+
+def test_named_rules_refuse_another_rule(random_model):
+    with pytest.raises(ExplainkitError, match="refinecam fuses by its own rule; for rule='poly' use fusedcam"):
+        RefineCAM(random_model, layers=LAYERS, rule="poly")
+
+
+def test_fusedcam_through_the_registry_entry(random_model, images, fresh_plugins):
+    class Plugin:
+        @explainkit.hookimpl
+        def register_explainers(self, register):
+            register("fused-test", FusedCAM)
+
+    fresh_plugins.register(Plugin(), name="fused-test-plugin")
+    cam = explainkit.get_explainer("fused-test", random_model, layer="layer2,layer3,layer4", method="gradcam", rule="poly")
+    torch.testing.assert_close(cam(images), PolyCAM(random_model, layers=LAYERS)(images))

@@ -5,8 +5,8 @@ layer sees 32x32 or 56x56 but knows little about the class. Fusion methods take 
 several layers and combine them so the deep map decides *where* and the shallow maps add
 detail. :class:`FusedCAM` is the general mechanism: any registered method (``method="gradcam"``,
 ``"scorecam"``, ``"eigencam"``, a third party's name) or any explainer class, at any list of
-layers (``layers=["layer2", "layer3", "layer4"]``), fused by a rule a subclass gives in
-:meth:`FusedCAM.fuse`.
+layers (``layers=["layer2", "layer3", "layer4"]``), fused by a rule: ``rule="refine"``
+(:class:`RefineCAM`) or ``rule="poly"`` (:class:`PolyCAM`).
 
 Speed: when the method is a gradient CAM (:class:`~explainkit.explainers.gradient.GradientCAM`
 that does not override ``compute``), every layer's gradient comes from **one** forward and
@@ -25,7 +25,6 @@ from __future__ import annotations
 import inspect
 import threading
 import warnings
-from abc import abstractmethod
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Sequence, cast
 
@@ -294,11 +293,80 @@ def _batched_gradients(
     return [torch.stack(per_layer) for per_layer in zip(*columns)]
 
 
+# --- the rules ---------------------------------------------------------------------------------
+
+
+def refine_rule(maps: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+    """RefineCAM's fusion (:class:`RefineCAM`) of raw per-layer maps ``(..., h_l, w_l)``: each
+    ReLU'd and scaled to [0, 1] at its resolution, upsampled to ``size``, scaled again; their product."""
+    fused = None
+    for raw in maps:
+        scaled = normalize_maps(upsample_bilinear(normalize_maps(raw.float().relu()), size))
+        fused = scaled if fused is None else fused * scaled
+    assert fused is not None
+    return fused
+
+
+def percentile_normalize(maps: torch.Tensor, outlier: float = 0.1) -> torch.Tensor:
+    """Poly-CAM's normalisation of each ``(h, w)`` map: ``(x - p_low) / max(p_high, 1e-12)``
+    clipped to [0, 1], with ``p_low``/``p_high`` its ``outlier`` and ``100 - outlier`` percentiles
+    (linear interpolation, as ``numpy.percentile``). Sort-based, on the device, any batch size."""
+    flat = maps.flatten(-2)
+    ordered = flat.sort(dim=-1).values
+    count = ordered.shape[-1]
+
+    def percentile(q: float) -> torch.Tensor:
+        position = q / 100 * (count - 1)
+        low = int(position)
+        high = min(low + 1, count - 1)
+        fraction = position - low
+        return ordered[..., low : low + 1] * (1 - fraction) + ordered[..., high : high + 1] * fraction
+
+    low, high = percentile(outlier), percentile(100 - outlier)
+    scaled = (flat - low) / high.clamp_min(1e-12)
+    return scaled.clamp(0, 1).view_as(maps)
+
+
+def local_relevance_normalization(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Poly-CAM's LNorm: ``M / max(U(D(M)), 1e-12)`` with ``D`` bilinear resizing to the deeper
+    layer's ``size`` and ``U`` back to ``M``'s (``align_corners=False``, as the authors' ``F.interpolate``):
+    each region's relevance relative to its neighbourhood at the deeper resolution."""
+    local = upsample_bilinear(upsample_bilinear(maps, size), (maps.shape[-2], maps.shape[-1]))
+    return maps / local.clamp_min(1e-12)
+
+
+def poly_rule(maps: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+    """Poly-CAM's fusion (:class:`PolyCAM`) of raw per-layer maps ``(..., h_l, w_l)``, taken in
+    order of decreasing resolution whatever the order given; the result is at the shallowest
+    layer's resolution (``size`` unused: the base upsamples)."""
+    areas = [raw.shape[-2] * raw.shape[-1] for raw in maps]
+    ordered = [raw.float().relu() for _, raw in sorted(zip(areas, maps), key=lambda pair: -pair[0])]  # stable
+    fused = ordered[-1]
+    for layer_map in reversed(ordered[:-1]):
+        local = local_relevance_normalization(layer_map, (fused.shape[-2], fused.shape[-1]))
+        fused = (local * upsample_bilinear(fused, (layer_map.shape[-2], layer_map.shape[-1]))).relu()
+    return percentile_normalize(fused)
+
+
+Rule = Callable[[list[torch.Tensor], tuple[int, int]], torch.Tensor]
+#: fusion rules by name (``FusedCAM(rule=...)``, the CLI's ``--fuse``)
+RULES: dict[str, Rule] = {"refine": refine_rule, "poly": poly_rule}
+
+
+def _rule(rule: object) -> tuple[str, Rule]:
+    name = rule[: -len("cam")] if isinstance(rule, str) and rule.endswith("cam") else rule  # "polycam" -> "poly"
+    if not isinstance(name, str) or name not in RULES:
+        raise ExplainkitError(f"rule must be one of {', '.join(sorted(RULES))}; got {rule!r}")
+    return name, RULES[name]
+
+
 # --- the fused explainer -----------------------------------------------------------------------
 
 
 class FusedCAM(Explainer):
-    """One ``method`` explainer per layer, their raw maps fused by :meth:`fuse`.
+    """One ``method`` explainer per layer, their raw maps fused by ``rule``
+    (:func:`refine_rule`: :class:`RefineCAM`'s product; :func:`poly_rule`: :class:`PolyCAM`'s
+    deep-to-shallow recursion). Registered as ``fusedcam``, the general form of both.
 
     Args:
         model: the model to explain.
@@ -308,6 +376,7 @@ class FusedCAM(Explainer):
         layers: the layers to fuse, dotted names or modules (at least two; give this or ``layer``).
         method: a registered explainer name (``"gradcam"``, ``"layercam"``, ``"scorecam"``, a
             plugin's) or an :class:`~explainkit.explainers.base.Explainer` class or factory.
+        rule: ``"refine"`` (default) or ``"poly"`` (:data:`RULES`).
         **options: the method's own options (``autocast=``, ``class_chunk=``, ``batch_size=``...),
             passed to each layer's explainer; an option the method does not take is an
             :class:`~explainkit.errors.ExplainkitError` naming it.
@@ -326,8 +395,10 @@ class FusedCAM(Explainer):
         *,
         layers: str | Sequence[LayerSpec] | None = None,
         method: Method = "gradcam",
+        rule: str = "refine",
         **options: Any,
     ) -> None:
+        self.rule, self._fuse = _rule(rule)
         self.model = model
         resolved = resolve_fusion_layers(model, layer, layers)
         self.layer_names = [name for name, _ in resolved]
@@ -342,14 +413,15 @@ class FusedCAM(Explainer):
         )
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(method={self.method_name!r}, layers={self.layer_names!r})"
+        rule = "" if type(self) is not FusedCAM else f", rule={self.rule!r}"
+        return f"{type(self).__name__}(method={self.method_name!r}, layers={self.layer_names!r}{rule})"
 
     # the rule ---------------------------------------------------------------------------------
 
-    @abstractmethod
     def fuse(self, maps: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
         """Fuse raw per-layer maps ``(..., h_l, w_l)`` (in :attr:`layer_names` order) into one
         ``(..., h, w)`` map at any resolution; ``size`` is the input's ``(H, W)``."""
+        return self._fuse(maps, size)
 
     # the per-layer maps -----------------------------------------------------------------------
 
@@ -448,41 +520,17 @@ class RefineCAM(FusedCAM):
 
     name = "refinecam"
 
-    def fuse(self, maps: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
-        fused = None
-        for raw in maps:
-            scaled = normalize_maps(upsample_bilinear(normalize_maps(raw.float().relu()), size))
-            fused = scaled if fused is None else fused * scaled
-        assert fused is not None
-        return fused
-
-
-def percentile_normalize(maps: torch.Tensor, outlier: float = 0.1) -> torch.Tensor:
-    """Poly-CAM's normalisation of each ``(h, w)`` map: ``(x - p_low) / max(p_high, 1e-12)``
-    clipped to [0, 1], with ``p_low``/``p_high`` its ``outlier`` and ``100 - outlier`` percentiles
-    (linear interpolation, as ``numpy.percentile``). Sort-based, on the device, any batch size."""
-    flat = maps.flatten(-2)
-    ordered = flat.sort(dim=-1).values
-    count = ordered.shape[-1]
-
-    def percentile(q: float) -> torch.Tensor:
-        position = q / 100 * (count - 1)
-        low = int(position)
-        high = min(low + 1, count - 1)
-        fraction = position - low
-        return ordered[..., low : low + 1] * (1 - fraction) + ordered[..., high : high + 1] * fraction
-
-    low, high = percentile(outlier), percentile(100 - outlier)
-    scaled = (flat - low) / high.clamp_min(1e-12)
-    return scaled.clamp(0, 1).view_as(maps)
-
-
-def local_relevance_normalization(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Poly-CAM's LNorm: ``M / max(U(D(M)), 1e-12)`` with ``D`` bilinear resizing to the deeper
-    layer's ``size`` and ``U`` back to ``M``'s (``align_corners=False``, as the authors' ``F.interpolate``):
-    each region's relevance relative to its neighbourhood at the deeper resolution."""
-    local = upsample_bilinear(upsample_bilinear(maps, size), (maps.shape[-2], maps.shape[-1]))
-    return maps / local.clamp_min(1e-12)
+    def __init__(
+        self,
+        model: nn.Module,
+        layer: LayerSpec | Sequence[LayerSpec] | None = None,
+        *,
+        layers: str | Sequence[LayerSpec] | None = None,
+        method: Method = "gradcam",
+        **options: Any,
+    ) -> None:
+        _own_rule(self.name, options)
+        super().__init__(model, layer, layers=layers, method=method, rule="refine", **options)
 
 
 class PolyCAM(FusedCAM):
@@ -512,33 +560,41 @@ class PolyCAM(FusedCAM):
 
     name = "polycam"
 
-    def fuse(self, maps: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
-        areas = [raw.shape[-2] * raw.shape[-1] for raw in maps]
-        ordered = [raw.float().relu() for _, raw in sorted(zip(areas, maps), key=lambda pair: -pair[0])]  # stable
-        fused = ordered[-1]
-        for layer_map in reversed(ordered[:-1]):
-            local = local_relevance_normalization(layer_map, (fused.shape[-2], fused.shape[-1]))
-            fused = (local * upsample_bilinear(fused, (layer_map.shape[-2], layer_map.shape[-1]))).relu()
-        return percentile_normalize(fused)
+    def __init__(
+        self,
+        model: nn.Module,
+        layer: LayerSpec | Sequence[LayerSpec] | None = None,
+        *,
+        layers: str | Sequence[LayerSpec] | None = None,
+        method: Method = "gradcam",
+        **options: Any,
+    ) -> None:
+        _own_rule(self.name, options)
+        super().__init__(model, layer, layers=layers, method=method, rule="poly", **options)
+
+
+def _own_rule(name: str, options: dict[str, Any]) -> None:
+    if "rule" in options:
+        raise ExplainkitError(f"{name} fuses by its own rule; for rule={options['rule']!r} use fusedcam")
 
 
 def fuse_layers(
     rule: str, model: nn.Module, method: Method = "gradcam", layers: str | Sequence[LayerSpec] | None = None, **options: Any
 ) -> FusedCAM:
-    """``method`` at ``layers`` fused by ``rule`` (``"refine"``/``"refinecam"`` or ``"poly"``/``"polycam"``).
+    """``method`` at ``layers`` fused by ``rule`` (``"refine"``/``"refinecam"`` or ``"poly"``/``"polycam"``):
+    a :class:`RefineCAM` or :class:`PolyCAM`.
 
     Example:
         >>> cam = fuse_layers("poly", model, "layercam", "layer2,layer3,layer4")
         >>> maps = cam(images)  # (N, H, W)
     """
-    rules: dict[str, type[FusedCAM]] = {"refine": RefineCAM, "refinecam": RefineCAM, "poly": PolyCAM, "polycam": PolyCAM}
-    if rule not in rules:
-        raise ExplainkitError(f"rule must be one of refine, poly; got {rule!r}")
-    return rules[rule](model, layers=layers, method=method, **options)
+    name, _ = _rule(rule)
+    return {"refine": RefineCAM, "poly": PolyCAM}[name](model, layers=layers, method=method, **options)
 
 
 __all__ = [
     "DEFAULT_DEPTH",
+    "RULES",
     "FusedCAM",
     "PolyCAM",
     "RefineCAM",
@@ -548,5 +604,7 @@ __all__ = [
     "local_relevance_normalization",
     "parse_layers",
     "percentile_normalize",
+    "poly_rule",
+    "refine_rule",
     "resolve_fusion_layers",
 ]
