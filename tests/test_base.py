@@ -14,9 +14,15 @@ from explainkit.explainers.base import evaluation_mode, normalize_maps, postproc
 from explainkit.plugins import BUILTIN_NAME
 from explainkit.registry import registrations
 
-# Every built-in, read off the registry (the built-ins register through the same hook as plugins),
-# but scorecam, whose contract tests/test_score.py checks at one image (a forward per channel).
-BUILTINS = sorted(r.name for r in registrations().values() if r.plugin == BUILTIN_NAME and r.name != "scorecam")
+# Every built-in CNN method, read off the registry (the built-ins register through the same hook as
+# plugins), but scorecam, whose contract tests/test_score.py checks at one image (a forward per
+# channel). Attention methods need a vision transformer: tests/test_attention.py and
+# tests/test_legrad.py check their contract on torchvision, timm and Hugging Face ViTs.
+BUILTINS = sorted(
+    r.name for r in registrations().values() if r.plugin == BUILTIN_NAME and r.name != "scorecam" and r.family != "attention"
+)
+# Options that keep a slow method's contract test short (its own module tests the defaults).
+FAST = {"opticam": {"iterations": 2, "progress": False}}
 
 
 def _hooks(model):
@@ -80,7 +86,7 @@ def test_upsample_bilinear_equals_interpolate(source, size):
 # --- the contract, for every built-in ------------------------------------------------------
 @pytest.mark.parametrize("name", BUILTINS)
 def test_output_contract(name, random_model, images):
-    explainer = explainkit.get_explainer(name, random_model, layer="layer4")
+    explainer = explainkit.get_explainer(name, random_model, layer="layer4", **FAST.get(name, {}))
     maps = explainer(images)
     assert maps.shape == (6, 32, 32) and maps.dtype == torch.float32 and maps.device == images.device
     assert maps.min() >= 0 and maps.max() <= 1
@@ -91,7 +97,7 @@ def test_output_contract(name, random_model, images):
 
 @pytest.mark.parametrize("name", BUILTINS)
 def test_topk_maps_are_the_single_target_maps_of_each_rank(name, random_model, images):
-    explainer = explainkit.get_explainer(name, random_model)
+    explainer = explainkit.get_explainer(name, random_model, **FAST.get(name, {}))
     result = explainer.explain(images, ("topk", 3))
     assert result.maps.shape == (len(images), 3, *images.shape[-2:])
     assert torch.equal(result.targets, result.logits.topk(3, dim=1).indices)
@@ -102,7 +108,7 @@ def test_topk_maps_are_the_single_target_maps_of_each_rank(name, random_model, i
 
 @pytest.mark.parametrize("name", BUILTINS)
 def test_explicit_class_sets_per_image_are_the_single_target_maps(name, random_model, images):
-    explainer = explainkit.get_explainer(name, random_model)
+    explainer = explainkit.get_explainer(name, random_model, **FAST.get(name, {}))
     wanted = torch.tensor([[k % 10, (k + 3) % 10] for k in range(len(images))])
     result = explainer.explain(images, wanted)
     assert result.maps.shape == (len(images), 2, *images.shape[-2:]) and torch.equal(result.targets, wanted)
@@ -120,7 +126,7 @@ def test_model_state_left_as_found(name, random_model, images):
     modes = {n: m.training for n, m in model.named_modules()}
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
 
-    explainkit.get_explainer(name, model, layer="layer3")(images, targets="all")
+    explainkit.get_explainer(name, model, layer="layer3", **FAST.get(name, {}))(images, targets="all")
 
     assert {n: m.training for n, m in model.named_modules()} == modes
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
@@ -133,7 +139,7 @@ def test_model_state_left_as_found(name, random_model, images):
 
 @pytest.mark.parametrize("name", BUILTINS)
 def test_hooks_removed_when_the_call_raises(name, random_model, images):
-    explainer = explainkit.get_explainer(name, random_model)
+    explainer = explainkit.get_explainer(name, random_model, **FAST.get(name, {}))
     with pytest.raises(ExplainkitError):
         explainer(images, targets=[0, 1])  # wrong length
     assert _hooks(random_model) == 0
@@ -146,12 +152,14 @@ def test_hooks_removed_when_the_call_raises(name, random_model, images):
 @pytest.mark.parametrize("name", BUILTINS)
 def test_works_under_no_grad_and_on_a_frozen_model(name, random_model, images):
     model = copy.deepcopy(random_model).requires_grad_(False)
-    explainer = explainkit.get_explainer(name, model)
+    explainer = explainkit.get_explainer(name, model, **FAST.get(name, {}))
     with torch.no_grad():
         maps = explainer(images)
         assert not torch.is_grad_enabled()
     assert maps.flatten(1).amax(1).gt(0).any()
-    torch.testing.assert_close(maps, explainkit.get_explainer(name, random_model)(images), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        maps, explainkit.get_explainer(name, random_model, **FAST.get(name, {}))(images), rtol=1e-4, atol=1e-4
+    )
 
 
 @pytest.mark.parametrize("name", BUILTINS)
@@ -159,13 +167,15 @@ def test_inference_tensors_as_inputs_are_accepted(name, random_model, images):
     with torch.inference_mode():
         frozen_images = images.clone()
         targets = random_model(frozen_images).argmax(1)
-    maps = explainkit.get_explainer(name, random_model)(frozen_images, targets)
-    torch.testing.assert_close(maps, explainkit.get_explainer(name, random_model)(images, targets.clone()), rtol=1e-4, atol=1e-4)
+    maps = explainkit.get_explainer(name, random_model, **FAST.get(name, {}))(frozen_images, targets)
+    torch.testing.assert_close(
+        maps, explainkit.get_explainer(name, random_model, **FAST.get(name, {}))(images, targets.clone()), rtol=1e-4, atol=1e-4
+    )
 
 
 @pytest.mark.parametrize("name", BUILTINS)
 def test_inference_mode_is_a_clear_error(name, random_model, images):
-    explainer = explainkit.get_explainer(name, random_model)
+    explainer = explainkit.get_explainer(name, random_model, **FAST.get(name, {}))
     with torch.inference_mode(), pytest.raises(ExplainkitError, match="inference_mode"):
         explainer(images)
 
@@ -188,7 +198,7 @@ def test_evaluation_mode_restores_after_exception(random_model):
 
 @pytest.mark.parametrize("name", BUILTINS)
 def test_non_finite_images_are_refused_by_name(name, random_model, images):
-    explainer = explainkit.get_explainer(name, random_model, layer="layer4")
+    explainer = explainkit.get_explainer(name, random_model, layer="layer4", **FAST.get(name, {}))
     spoiled = images.clone()
     spoiled[1, 0, 3, 3] = float("nan")
     spoiled[4, 2, 0, 0] = float("inf")

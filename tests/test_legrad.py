@@ -226,12 +226,17 @@ def test_a_cnn_is_refused_in_one_line(random_model):
 @pytest.mark.parametrize(
     "options,match",
     [
-        ({"layer": "encoder"}, "no layer"),
         ({"start_block": 2}, "start_block"),
         ({"pooling": "max"}, "pooling"),
         ({"class_chunk": 0}, "class_chunk"),
     ],
 )
+def test_a_layer_is_ignored_like_the_other_attention_methods():
+    model, images = _torchvision_vit(), torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(LeGrad(model, layer="encoder")(images), LeGrad(model)(images))
+    assert LeGrad(model, layer="encoder").layer_name == "attention blocks"
+
+
 def test_bad_options_are_refused(options, match):
     with pytest.raises(ExplainkitError, match=match):
         LeGrad(_torchvision_vit(), **options)

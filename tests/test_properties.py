@@ -37,7 +37,9 @@ from explainkit.targets import ClassDifference, ClassScores, MultiLabel  # noqa:
 from tests.test_base import _hooks  # noqa: E402
 
 # Every built-in, read off the registry (plugins such as the gradcam_zoo's pgc-* are not ours).
-BUILTINS = sorted(r.name for r in registrations().values() if r.plugin == BUILTIN_NAME)
+# Attention methods need a vision transformer (tests/test_attention.py, tests/test_legrad.py).
+BUILTINS = sorted(r.name for r in registrations().values() if r.plugin == BUILTIN_NAME and r.family != "attention")
+FAST = {"opticam": {"iterations": 2, "progress": False}}  # its own tests check the default schedule
 CLASSES = 5
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 # A block, a conv, BatchNorms (stem.1 is followed by an in-place ReLU, which must not reach its
@@ -78,7 +80,7 @@ def _model(device: str, dtype: torch.dtype, inplace: bool = True) -> nn.Module:
 @functools.cache
 def _explainer(name: str, layer: str | None, device: str, dtype: torch.dtype, as_module: bool = False, inplace: bool = True):
     model = _model(device, dtype, inplace)
-    return explainkit.get_explainer(name, model, layer=model.get_submodule(layer) if as_module else layer)
+    return explainkit.get_explainer(name, model, layer=model.get_submodule(layer) if as_module else layer, **FAST.get(name, {}))
 
 
 # --- targets ---------------------------------------------------------------------------------
@@ -297,7 +299,7 @@ def test_the_model_is_left_exactly_as_found(name, data, setup, training, frozen,
     if user_hook:  # a user's hook stays, and still runs
         model.fc.register_forward_hook(lambda module, inputs, output: seen.append(len(output)))
     layer = model.get_submodule(setup.layer) if setup.as_module else setup.layer
-    explainer = explainkit.get_explainer(name, model, layer=layer)
+    explainer = explainkit.get_explainer(name, model, layer=layer, **FAST.get(name, {}))
     before = _state(model)
     maps = explainer(setup.images(), case.build(list(range(setup.n))))
     _assert_valid_maps(maps, _expected_shape(setup, case), setup.device)

@@ -67,7 +67,8 @@ class LeGrad(Explainer):
     Args:
         model: a vision transformer (torchvision, timm, Hugging Face; class, distillation and
             register tokens are handled).
-        layer: not used (LeGrad reads the attention blocks); pass ``None``.
+        layer: ignored, as by the other attention methods and FullGrad (LeGrad reads the attention
+            blocks; choose them with ``start_block``), so one ``layer`` can go to several methods.
         start_block: the first block explained, counted from 0; negative counts from the end
             (the authors' OpenCLIP wrapper uses ``-2``); default ``0``: every block, as the paper.
         pooling: ``"mean"`` (the paper's) or ``"model"`` (the model's own pooling).
@@ -86,14 +87,12 @@ class LeGrad(Explainer):
         pooling: str = "mean",
         class_chunk: int = 64,
     ) -> None:
-        if layer is not None:
-            raise ExplainkitError("legrad reads every attention block and takes no layer; choose blocks with start_block=")
         if pooling not in POOLINGS:
             raise ExplainkitError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
         if class_chunk < 1:
             raise ExplainkitError(f"class_chunk must be at least 1, got {class_chunk}")
         self.model = model
-        self.layer_name, self.layer = None, None  # type: ignore[assignment]
+        self.layer_name, self.layer = "attention blocks", None  # type: ignore[assignment]
         blocks = attention_blocks(model, "legrad")  # ExplainkitError for a model without attention blocks
         if not -len(blocks) <= start_block < len(blocks):
             raise ExplainkitError(
