@@ -223,6 +223,12 @@ def test_a_cnn_is_refused_in_one_line(random_model):
     assert "\n" not in str(error.value)
 
 
+def test_a_layer_is_ignored_like_the_other_attention_methods():
+    model, images = _torchvision_vit(), torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(LeGrad(model, layer="encoder")(images), LeGrad(model)(images))
+    assert LeGrad(model, layer="encoder").layer_name == "attention blocks"
+
+
 @pytest.mark.parametrize(
     "options,match",
     [
@@ -231,12 +237,6 @@ def test_a_cnn_is_refused_in_one_line(random_model):
         ({"class_chunk": 0}, "class_chunk"),
     ],
 )
-def test_a_layer_is_ignored_like_the_other_attention_methods():
-    model, images = _torchvision_vit(), torch.randn(2, 3, 32, 32)
-    torch.testing.assert_close(LeGrad(model, layer="encoder")(images), LeGrad(model)(images))
-    assert LeGrad(model, layer="encoder").layer_name == "attention blocks"
-
-
 def test_bad_options_are_refused(options, match):
     with pytest.raises(ExplainkitError, match=match):
         LeGrad(_torchvision_vit(), **options)
