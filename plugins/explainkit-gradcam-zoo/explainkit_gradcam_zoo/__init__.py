@@ -124,7 +124,7 @@ class FinerCamExplainer(PytorchGradCamExplainer):
 
     def compute(self, images: torch.Tensor, targets):
         if isinstance(targets, ClassDifference):
-            same = FinerCamExplainer(self.model, self.layer, targets.comparisons, targets.alpha)
+            same = type(self)(self.model, self.layer, targets.comparisons, targets.alpha)
             return PytorchGradCamExplainer.compute(same, images, ClassScores(targets.classes))
         return super().compute(images, targets)
 
