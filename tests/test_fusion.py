@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from pytorch_grad_cam import GradCAM as PgcGradCAM
+from pytorch_grad_cam import GradCAMPlusPlus as PgcGradCAMPlusPlus
 from pytorch_grad_cam import RefineCAM as PgcRefineCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
@@ -42,9 +43,9 @@ def _hooks(model):
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) for m in model.modules())
 
 
-def _pgc_refinecam(model, images, classes):
+def _pgc_refinecam(model, images, classes, base=PgcGradCAM):
     """pytorch-grad-cam's RefineCAM with a Grad-CAM base, its hooks released after."""
-    reference = PgcRefineCAM(model, [model.get_submodule(name) for name in LAYERS], base_method=PgcGradCAM)
+    reference = PgcRefineCAM(model, [model.get_submodule(name) for name in LAYERS], base_method=base)
     try:
         return torch.from_numpy(reference(images, [ClassifierOutputTarget(int(c)) for c in classes]))
     finally:
@@ -52,10 +53,10 @@ def _pgc_refinecam(model, images, classes):
             cam.activations_and_grads.release()
 
 
-def _assert_refinecam_parity(model, images):
-    ours = RefineCAM(model, layers=LAYERS).explain(images)
+def _assert_refinecam_parity(model, images, method="gradcam", base=PgcGradCAM):
+    ours = RefineCAM(model, layers=LAYERS, method=method).explain(images)
     hooks = _hooks(model)
-    reference = _pgc_refinecam(model, images, ours.targets)
+    reference = _pgc_refinecam(model, images, ours.targets, base)
     assert _hooks(model) == hooks  # pgc's hooks gone: they would break our batched backward
     informative = reference.flatten(1).std(1) > 1e-4
     assert informative.sum() >= len(images) // 2
@@ -66,6 +67,10 @@ def _assert_refinecam_parity(model, images):
 # --- parity and the one-pass gradients -------------------------------------------------------
 def test_refinecam_parity_with_pytorch_grad_cam_random_model(random_model, images):
     _assert_refinecam_parity(random_model, images)
+
+
+def test_refinecam_parity_with_pytorch_grad_cams_default_base_gradcam_plus_plus(random_model, images):
+    _assert_refinecam_parity(random_model, images, "gradcam++", PgcGradCAMPlusPlus)
 
 
 def test_refinecam_parity_with_pytorch_grad_cam_trained_model(trained_model):
@@ -87,24 +92,23 @@ def test_per_layer_maps_equal_single_layer_maps(method, targets, random_model, i
         torch.testing.assert_close(per_layer[name], single, rtol=1e-5, atol=1e-6)
 
 
-def test_one_forward_and_one_backward_for_every_layer(random_model, images):
+def test_one_forward_and_one_backward_for_every_layer(random_model, images, monkeypatch):
     calls = {"forward": 0}
     handle = random_model.conv1.register_forward_hook(lambda *_: calls.__setitem__("forward", calls["forward"] + 1))
-    grads = []
+    inputs_per_backward = []
     real_grad = torch.autograd.grad
 
-    def counting_grad(*args, **kwargs):
-        grads.append(len(args[1]) if isinstance(args[1], (list, tuple)) else 1)
-        return real_grad(*args, **kwargs)
+    def counting_grad(outputs, inputs, *args, **kwargs):
+        inputs_per_backward.append(len(inputs) if isinstance(inputs, (list, tuple)) else 1)
+        return real_grad(outputs, inputs, *args, **kwargs)
 
+    monkeypatch.setattr(torch.autograd, "grad", counting_grad)
     try:
-        torch.autograd.grad = counting_grad
         RefineCAM(random_model, layers=LAYERS)(images, "all")
     finally:
-        torch.autograd.grad = real_grad
         handle.remove()
     assert calls["forward"] == 1
-    assert grads == [3]  # one batched backward (10 classes <= class_chunk) with the three layers as inputs
+    assert inputs_per_backward == [3]  # one batched backward (10 classes <= class_chunk) for the three layers
 
 
 def test_leaves_no_batching_rule_falls_back_column_by_column(random_model, images):
