@@ -4,6 +4,8 @@ the masked score rises, every target form, options, model state."""
 from __future__ import annotations
 
 import copy
+import io
+import sys
 from collections import OrderedDict
 
 import pytest
@@ -257,3 +259,16 @@ def test_works_under_no_grad_and_on_a_frozen_model(random_model, frozen, images)
         assert not torch.is_grad_enabled()
     expected = OptiCAM(random_model, "layer4", iterations=5, progress=False)(images[:2])
     torch.testing.assert_close(maps, expected, rtol=1e-4, atol=1e-4)
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+@pytest.mark.parametrize("progress, terminal, shown", [(True, True, True), (False, True, False), (True, False, False)])
+def test_the_progress_bar_shows_only_on_a_terminal_when_asked(monkeypatch, small_cnn, images, progress, terminal, shown):
+    stream = _Terminal() if terminal else io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stream)
+    OptiCAM(small_cnn, "5", iterations=3, progress=progress)(images[:2])
+    assert ("opticam" in stream.getvalue()) == shown

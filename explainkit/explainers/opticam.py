@@ -59,11 +59,13 @@ class OptiCAM(Explainer):
     Every image's and every target column's ``u`` are one ``(N J, C)`` tensor: an iteration is one
     forward and one backward (``torch.autograd.grad`` to ``u`` only) of the ``N J`` masked images,
     in chunks of ``batch_size`` on the images' device. Cost: ``iterations`` forwards and backwards
-    per image and target column (50 of each by default, ``targets="all"`` multiplies it by the
-    classes), fewer when the early stop fires; no gradient through the layer's own activations.
-    Prefer it where faithfulness matters more than time: the paper reports the best insertion /
-    average-gain scores among CAMs on ImageNet; it is the slowest method here after Score-CAM on
-    small batches.
+    of the whole model per image and target column (about ``3 x iterations`` forward-equivalents:
+    150 by default, against Score-CAM's 512 forwards at a ResNet's ``layer4``; 3.2 s per image for
+    a CIFAR ResNet18 on one loaded CPU core), fewer when every pair of a chunk has stopped;
+    ``targets="all"`` multiplies it by the classes. Prefer it where faithfulness to the model's
+    own masked scores matters more than time: the paper reports it well ahead of other CAMs on
+    the masked-image classification metrics (average drop and increase, and its average gain),
+    while noting that this is not better localisation.
 
     Args:
         model, layer: see :class:`~explainkit.explainers.base.Explainer`.
@@ -184,7 +186,7 @@ class OptiCAM(Explainer):
         first.mul_(BETAS[0]).add_(gradient, alpha=1 - BETAS[0])
         second.mul_(BETAS[1]).addcmul_(gradient, gradient, value=1 - BETAS[1])
         denominator = (second.sqrt() / (1 - BETAS[1] ** t) ** 0.5).add_(EPSILON)
-        return u - (self.lr / (1 - BETAS[0] ** t)) * first / denominator
+        return torch.addcdiv(u, first, denominator, value=-self.lr / (1 - BETAS[0] ** t))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(layer={self.layer_name!r}, iterations={self.iterations}, lr={self.lr})"
