@@ -5,7 +5,8 @@ Finer-CAM, RefineCAM and LeGrad (``torchcam_new``).
 * CNN methods (``finercam``, ``shapleycam``, ``kpcacam``, ``fem``, ``fullgrad``,
   ``guided-gradcam``, ``refinecam``; ``polycam`` and ``opticam``, which neither peer has, against
   the floor only): ResNet18-CIFAR (random init: speed does not depend on the weights) at
-  ``layer4`` (RefineCAM: ``layer2``, ``layer3``, ``layer4``), CPU, batch 32, fp32; one target
+  ``layer4`` (RefineCAM and Poly-CAM: ``layer2``, ``layer3``, ``layer4``; RefineCAM on
+  Grad-CAM++ in all three libraries), CPU, batch 32, fp32; one target
   (each image's predicted class) and all ten classes. Group ``cpu-b32-fp32``, with its own
   forward floor, as ``bench_explainers.py`` names groups (``benchmarks/report.py`` tables it).
 * ViT methods (``rollout``, ``chefer2021``, ``legrad``; torch-cam's LeGrad over every block beside
@@ -79,12 +80,15 @@ def vit(request):
 
 
 def _native(name: str, model, **options):
-    """explainkit's registered ``name`` (skipped while it is not registered)."""
+    """explainkit's registered ``name`` (skipped while it is not registered). RefineCAM and
+    Poly-CAM fuse ``FUSED``; RefineCAM on Grad-CAM++, the base both peers use."""
     if name not in explainkit.list_explainers():
         pytest.skip(f"explainkit has no native {name!r} registered yet")
+    registration = require_explainer(name)
     if name in ("refinecam", "polycam"):
-        fused = accepts_option(require_explainer(name), "layers")
-        return explainkit.get_explainer(name, model, **({"layers": FUSED} if fused else {"layer": "layer4"}), **options)
+        options.update({"layers": FUSED} if accepts_option(registration, "layers") else {"layer": "layer4"})
+    if name == "refinecam" and accepts_option(registration, "method"):
+        options["method"] = "gradcam++"
     return explainkit.get_explainer(name, model, **options)
 
 

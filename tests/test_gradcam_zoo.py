@@ -172,3 +172,25 @@ def test_guided_gradcam_channel_reductions(random_model, images):
     assert torch.all(peak <= norm + 1e-6) and torch.all(norm <= peak * 3**0.5 + 1e-6)  # max_c |G_c| <= |G| <= sqrt(3) max
     with pytest.raises(ExplainkitError, match="channel_reduction"):
         explainkit.get_explainer("pgc-guided-gradcam", random_model, channel_reduction="sum")
+
+
+NATIVE_OPTIONS = {
+    "finercam": {},
+    "shapleycam": {},
+    "kpcacam": {},
+    "fem": {},
+    "fullgrad": {},
+    "guided-gradcam": {},
+    "refinecam": {"layers": ["layer2", "layer3", "layer4"], "method": "gradcam++"},  # pytorch-grad-cam's base
+}
+
+
+@pytest.mark.parametrize("name", list(NATIVE_OPTIONS))
+def test_references_agree_with_the_native_methods(name, random_model, images):
+    if name not in explainkit.list_explainers():
+        pytest.skip(f"explainkit has no native {name!r} registered yet")
+    layer = {} if "layers" in NATIVE_OPTIONS[name] else {"layer": "layer4"}
+    ours = explainkit.get_explainer(name, random_model, **layer, **NATIVE_OPTIONS[name])(images, targets=[0, 1, 2, 3, 4, 5])
+    theirs = explainkit.get_explainer(f"pgc-{name}", random_model, layer="layer4")(images, targets=[0, 1, 2, 3, 4, 5])
+    informative = theirs.flatten(1).std(1) > 1e-4
+    assert informative.any() and correlation(ours, theirs)[informative].min() > 0.99
