@@ -168,7 +168,9 @@ def _throughput_lines(rows: list[dict], group: str, in_group: list[dict]) -> lis
         inter = f"{row['interleaved']:.2f}x" if row.get("interleaved") else "-"
         lines.append(f"| {row['case']} | {row['layer']} | {row['ips']:.1f} | {rel} | {inter} |")
     lines.append("")
-    if floor and floor["case"].startswith("forward"):  # single-batch groups
+    if any("library" in row for row in in_group):  # bench_methods.py: each method against its peers
+        lines += _peer_lines(in_group)
+    elif floor and floor["case"].startswith("forward"):  # single-batch groups
         lines += ["| target | measured | wanted | met |", "| --- | --- | --- | --- |"]
         for what, value, wanted, met in _targets(rows, group):
             shown = "n/a" if value is None else f"{value:.2f}x"
@@ -185,6 +187,26 @@ def _throughput_lines(rows: list[dict], group: str, in_group: list[dict]) -> lis
             "",
         ]
     return lines
+
+
+def _peer_lines(in_group: list[dict]) -> list[str]:
+    """``bench_methods.py``: explainkit's native method against each peer's version on the same
+    work (model, layers, images, one map per image and class): speedup = the peer's median time /
+    explainkit's, and the same per round against the interleaved floors (drift-robust)."""
+    ours = {(r["method"], r["kind"]): r for r in in_group if r.get("library") == "explainkit"}
+    lines = [
+        "| method | targets | peer | explainkit images/s | peer images/s | speedup | speedup vs interleaved floors |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for peer in (r for r in in_group if r.get("library") not in (None, "explainkit")):
+        mine = ours.get((peer["method"], peer["kind"]))
+        shown = f"{mine['ips']:.1f}" if mine else "not registered"
+        ratio = _times(peer["median_s"] / mine["median_s"]) if mine else "n/a"
+        paired = _times(mine["interleaved"] / peer["interleaved"]) if mine and mine.get("interleaved") and peer.get("interleaved") else "n/a"
+        lines.append(
+            f"| {peer['method']} | {peer['kind']} | {peer['library']} | {shown} | {peer['ips']:.1f} | {ratio} | {paired} |"
+        )
+    return lines + [""]
 
 
 def _perturbation_lines(rows: list[dict], group: str) -> list[str]:

@@ -43,6 +43,21 @@ def test_explain_on_generated_data(capsys, base_args, tmp_path):
     assert summary["images"] == 20 and summary["methods"] == ["gradcam", "gradcam++"]
 
 
+def test_explain_fuses_layers_with_fuse(capsys, base_args, tmp_path):
+    code, out, err = _run(
+        capsys, *base_args, "--method", "gradcam,eigencam", "--layer", "layer2,layer3,layer4", "--fuse", "poly", "--samples", "1"
+    )
+    assert code == 0, err
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["methods"] == ["polycam:gradcam", "polycam:eigencam"]
+
+
+def test_several_layers_without_fuse_is_one_line(capsys, base_args, tmp_path):
+    code, _, err = _run(capsys, *base_args, "--layer", "layer3,layer4")
+    _assert_clean_failure(code, err, "--fuse")
+    assert not (tmp_path / "out").exists()
+
+
 def test_methods_alias_and_image_files(capsys, random_checkpoint, tmp_path):
     paths = []
     for i, mode in enumerate(["L", "RGBA", "RGB"]):

@@ -10,11 +10,13 @@ from pathlib import Path
 import torch
 
 from explainkit.cli.flags import (
+    FUSE_RULES,
     add_data_flag,
     add_device_flags,
     add_method_flags,
     add_model_flags,
     announce,
+    check_layer_flags,
     check_spec_flags,
     load_model_from_flags,
     positive_int,
@@ -22,6 +24,7 @@ from explainkit.cli.flags import (
 from explainkit.data.datasets import data_dir_from_env, dataset_size, evenly_spaced, load_split
 from explainkit.errors import ExplainkitError
 from explainkit.evaluation import run as evaluation_run
+from explainkit.explainers.fusion import parse_layers
 from explainkit.figures import save_figure
 from explainkit.models.store import model_card, require_model_path
 from explainkit.registry import parse_methods, require_explainer
@@ -49,9 +52,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=run)
 
 
-def _factories(methods: list[str], layer: str | None):
-    """``model -> explainer`` per method, every name checked against the registry first."""
+def _factories(methods: list[str], layer: str | None, fuse: str | None = None):
+    """``model -> explainer`` per method, every name checked against the registry first; with
+    ``fuse`` (``--fuse``) the fusion explainer over each method, keyed ``refinecam:gradcam``."""
     registered = {name: require_explainer(name) for name in methods}
+    if fuse:
+        rule = require_explainer(FUSE_RULES[fuse])
+        return {f"{rule.name}:{name}": (lambda model, n=name: rule.factory(model, layer=layer, method=n)) for name in registered}
     return {name: (lambda model, r=r: r.factory(model, layer=layer)) for name, r in registered.items()}
 
 
@@ -64,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
         skip=frozenset(s.strip() for s in args.skip.split(",") if s.strip()),
     )
     check_spec_flags(args)
+    check_layer_flags(args)
     if args.synthetic and args.model:
         raise ExplainkitError("--synthetic trains its own small CNN; drop --model")
     device = select_device(args.device)
@@ -73,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
     if args.synthetic:
         from explainkit.evaluation import synthetic
 
-        factories = _factories(methods, args.layer or synthetic.LAST_CONV)
+        factories = _factories(methods, args.layer or synthetic.LAST_CONV, args.fuse)
         for factory in factories.values():  # validate layer/method before the training
             factory(synthetic.small_cnn())
         out = ensure_writable_dir(args.out)
@@ -90,15 +98,16 @@ def run(args: argparse.Namespace) -> int:
     else:
         source = args.model or str(require_model_path(args.checkpoint, args.models_dir))
         model = load_model_from_flags(args, device)
-        factories = _factories(methods, args.layer)
-        layer_name = factories[methods[0]](model).layer_name  # also validates --layer
+        factories = _factories(methods, args.layer, args.fuse)
+        layer_name = next(iter(factories.values()))(model).layer_name  # also validates --layer
         dataset = load_split("test", model_card(model), args.data_dir)
         out = ensure_writable_dir(args.out)
         if args.model:  # a library model: say what preprocessing and layer were read off it
             announce(model, args.layer)
         picks = evenly_spaced(dataset_size(dataset), args.limit)
         images = torch.stack([dataset[i][0] for i in picks]).to(device)
-        results, curves = evaluation_run.evaluate_faithfulness(model, model_card(model), factories, images, args.layer, options)
+        baseline_layer = parse_layers(args.layer)[-1] if args.layer else None  # baselines: the deepest fused layer
+        results, curves = evaluation_run.evaluate_faithfulness(model, model_card(model), factories, images, baseline_layer, options)
         results["meta"] = {
             "model": source,
             "layer": layer_name,

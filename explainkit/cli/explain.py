@@ -14,6 +14,8 @@ from explainkit.cli.flags import (
     add_method_flags,
     add_model_flags,
     announce,
+    build_explainer,
+    check_layer_flags,
     check_spec_flags,
     load_spec_model,
     non_negative_int,
@@ -104,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
     card = model_card(model)
     model = device_layout(model, device)
     gradient_options = {"autocast": torch.bfloat16} if args.bf16 else {}  # model in bf16, CAM maths in float32
-    explainers = {name: get_explainer(name, model, layer=args.layer, **gradient_options) for name in methods}
+    explainers = dict(build_explainer(name, model, args, **gradient_options) for name in methods)
     options = ExplainOptions(
         samples=args.samples,
         misclassified=args.misclassified,
@@ -151,6 +153,7 @@ def _check_flags(args: argparse.Namespace) -> list[str]:
     """The methods, after every flag that can be checked without a model has been."""
     check_spec_flags(args)
     methods = parse_methods(args.methods)
+    check_layer_flags(args)
     for name in methods:
         if args.bf16 and not accepts_option(require_explainer(name), "autocast"):
             raise ExplainkitError(f"--bf16 runs the gradient CAMs under autocast; {name!r} does not take it")
@@ -205,7 +208,7 @@ def _checkpoint(args: argparse.Namespace, methods: list[str], device: torch.devi
     if args.checkpoint or args.no_train or newest_model(args.models_dir) is not None:
         return require_model_path(args.checkpoint, args.models_dir)
     for name in methods:
-        get_explainer(name, resnet18_cifar(10), layer=args.layer)
+        build_explainer(name, resnet18_cifar(10), args)
     for path in args.image or []:
         read_image(path, (32, 32))
     ensure_writable_dir(args.out)

@@ -11,8 +11,10 @@ import torch
 import torch.nn as nn
 
 from explainkit.errors import ExplainkitError
+from explainkit.explainers.base import Explainer
 from explainkit.models.layers import default_layer_and_reason
 from explainkit.models.store import load_model, model_card, require_model_path
+from explainkit.registry import get_explainer
 from explainkit.runtime.device import DEVICE_CHOICES
 
 
@@ -69,7 +71,35 @@ def add_method_flags(parser: argparse.ArgumentParser, default: str) -> None:
         default=default,
         help=f"NAME[,NAME...] (default {default}; see `explainkit methods`)",
     )
-    parser.add_argument("--layer", help="dotted submodule path, e.g. layer4 or layer3.1 (default: the model's, printed)")
+    parser.add_argument(
+        "--layer",
+        help="dotted submodule path, e.g. layer4 or layer3.1 (default: the model's, printed); "
+        "with --fuse, several: layer2,layer3,layer4 (one: the deepest, fused with the 2 stages before it)",
+    )
+    parser.add_argument(
+        "--fuse",
+        choices=sorted(FUSE_RULES),
+        help="fuse each method's maps at several --layer layers: refine (RefineCAM, the product) or "
+        "poly (Poly-CAM, deep to shallow with local normalisation)",
+    )
+
+
+FUSE_RULES = {"refine": "refinecam", "poly": "polycam"}  # --fuse -> the registered fusion explainer
+
+
+def check_layer_flags(args: argparse.Namespace) -> None:
+    """``--layer a,b,c`` names several layers only with ``--fuse``."""
+    if args.layer and "," in args.layer and not args.fuse:
+        raise ExplainkitError(f"--layer {args.layer} names several layers; add --fuse refine or --fuse poly to fuse them")
+
+
+def build_explainer(name: str, model: nn.Module, args: argparse.Namespace, **options: object) -> tuple[str, Explainer]:
+    """``(key, explainer)`` for ``--method`` ``name``: the method at ``--layer``, or with ``--fuse``
+    the fusion explainer over it (key ``refinecam:gradcam``), options passed through to the method."""
+    if not args.fuse:
+        return name, get_explainer(name, model, layer=args.layer, **options)
+    rule = FUSE_RULES[args.fuse]
+    return f"{rule}:{name}", get_explainer(rule, model, layer=args.layer, method=name, **options)
 
 
 def load_model_from_flags(args: argparse.Namespace, device: torch.device) -> nn.Module:

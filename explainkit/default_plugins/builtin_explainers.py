@@ -15,7 +15,7 @@ def register_explainers(register):
     from explainkit.explainers.fem import FEM
     from explainkit.explainers.finer import FinerCAM
     from explainkit.explainers.fullgrad import FullGrad
-    from explainkit.explainers.fusion import PolyCAM, RefineCAM
+    from explainkit.explainers.fusion import FusedCAM, PolyCAM, RefineCAM
     from explainkit.explainers.gradient import GradCAM, GradCAMElementWise, GradCAMPlusPlus, HiResCAM, LayerCAM, XGradCAM
     from explainkit.explainers.guided import GuidedGradCAM
     from explainkit.explainers.kpca import KPCACAM
@@ -46,6 +46,7 @@ def register_explainers(register):
         KPCACAM,
         FEM,
         # fusion: one method's maps at several layers
+        FusedCAM,
         RefineCAM,
         PolyCAM,
         # attention: vision transformers' attention probabilities

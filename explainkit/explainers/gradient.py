@@ -188,7 +188,9 @@ def _batched_gradients(
     if batched:
         try:
             (gradients,) = torch.autograd.grad(
-                scores, activations, grad_outputs, is_grads_batched=True, retain_graph=retain_graph, allow_unused=True
+                # The graph is kept even for the last chunk: if vmap fails part-way, the column
+                # fallback below still needs it.
+                scores, activations, grad_outputs, is_grads_batched=True, retain_graph=True, allow_unused=True
             )
             return activations.new_zeros(grad_outputs.shape[0], *activations.shape) if gradients is None else gradients
         except RuntimeError as exc:  # an op without a batching rule
