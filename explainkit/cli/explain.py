@@ -28,7 +28,7 @@ from explainkit.jobs.provenance import provenance
 from explainkit.jobs.tasks import TASKS, TaskOptions, explain_task, prepare_task
 from explainkit.models.card import ModelCard
 from explainkit.models.store import load_model, model_card, newest_model, require_model_path, resnet18_cifar
-from explainkit.registry import accepts_option, get_explainer, parse_methods, require_explainer
+from explainkit.registry import accepts_option, parse_methods, require_explainer
 from explainkit.runtime.device import device_layout, select_device
 from explainkit.runtime.distributed import DistContext, init_distributed
 from explainkit.runtime.images import read_image
