@@ -202,7 +202,11 @@ def _peer_lines(in_group: list[dict]) -> list[str]:
         mine = ours.get((peer["method"], peer["kind"]))
         shown = f"{mine['ips']:.1f}" if mine else "not registered"
         ratio = _times(peer["median_s"] / mine["median_s"]) if mine else "n/a"
-        paired = _times(mine["interleaved"] / peer["interleaved"]) if mine and mine.get("interleaved") and peer.get("interleaved") else "n/a"
+        paired = (
+            _times(mine["interleaved"] / peer["interleaved"])
+            if mine and mine.get("interleaved") and peer.get("interleaved")
+            else "n/a"
+        )
         lines.append(
             f"| {peer['method']} | {peer['kind']} | {peer['library']} | {shown} | {peer['ips']:.1f} | {ratio} | {paired} |"
         )
