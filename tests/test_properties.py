@@ -41,6 +41,7 @@ from tests.test_base import _hooks  # noqa: E402
 BUILTINS = sorted(r.name for r in registrations().values() if r.plugin == BUILTIN_NAME and r.family != "attention")
 # Finer-CAM explains a class against its look-alikes: class targets only (others are its one-line error).
 CLASS_ONLY = {"finercam"}
+FUSION = {r.name for r in registrations().values() if r.plugin == BUILTIN_NAME and r.family == "fusion"}
 CLASS_KINDS = {"none", "int", "list", "tensor", "all", "topk", "topk-tuple", "sets", "scores", "difference"}
 FAST = {"opticam": {"iterations": 2, "progress": False}}  # its own tests check the default schedule
 CLASSES = 5
@@ -83,7 +84,17 @@ def _model(device: str, dtype: torch.dtype, inplace: bool = True) -> nn.Module:
 @functools.cache
 def _explainer(name: str, layer: str | None, device: str, dtype: torch.dtype, as_module: bool = False, inplace: bool = True):
     model = _model(device, dtype, inplace)
-    return explainkit.get_explainer(name, model, layer=model.get_submodule(layer) if as_module else layer, **FAST.get(name, {}))
+    return explainkit.get_explainer(name, model, layer=_layer_for(name, model, layer, as_module), **FAST.get(name, {}))
+
+
+def _layer_for(name: str, model: nn.Module, layer: str | None, as_module: bool) -> Any:
+    """The drawn layer as a path or a module; for a fusion method at a stem layer, which nothing
+    of larger resolution precedes (a one-line error, tests/test_fusion.py), that layer and the
+    feature stage, fused explicitly."""
+    chosen: Any = model.get_submodule(layer) if as_module and layer is not None else layer
+    if name in FUSION and layer is not None and layer.startswith("stem"):
+        chosen = [chosen, model.features if as_module else "features"]
+    return chosen
 
 
 # --- targets ---------------------------------------------------------------------------------
@@ -305,8 +316,9 @@ def test_the_model_is_left_exactly_as_found(name, data, setup, training, frozen,
     seen: list[int] = []
     if user_hook:  # a user's hook stays, and still runs
         model.fc.register_forward_hook(lambda module, inputs, output: seen.append(len(output)))
-    layer = model.get_submodule(setup.layer) if setup.as_module else setup.layer
-    explainer = explainkit.get_explainer(name, model, layer=layer, **FAST.get(name, {}))
+    explainer = explainkit.get_explainer(
+        name, model, layer=_layer_for(name, model, setup.layer, setup.as_module), **FAST.get(name, {})
+    )
     before = _state(model)
     maps = explainer(setup.images(), case.build(list(range(setup.n))))
     _assert_valid_maps(maps, _expected_shape(setup, case), setup.device)
