@@ -173,10 +173,16 @@ def accepts_option(registration: Registration, option: str) -> bool:
 
 def check_options(registration: Registration, options: dict[str, Any]) -> None:
     """A clear error for options the registered factory does not take (not a TypeError from deep inside)."""
+    check_factory_options(registration.name, registration.registered, options)
+
+
+def check_factory_options(name: str, factory: Any, options: dict[str, Any], kind: str = "explainer") -> None:
+    """:func:`check_options` for any factory ``factory(model, layer=..., **options)`` called ``name``
+    (``kind`` names it in the message: "explainer", or "method" inside a fusion)."""
     if not options:
         return
     try:
-        signature = inspect.signature(registration.registered)
+        signature = inspect.signature(factory)
     except (TypeError, ValueError):  # a builtin or C callable: let the call speak
         return
     try:
@@ -185,7 +191,7 @@ def check_options(registration: Registration, options: dict[str, Any]) -> None:
         accepted = [p for p in signature.parameters if p not in ("self", "model", "layer")]
         unknown = ", ".join(sorted(set(options) - set(accepted)))
         raise ExplainkitError(
-            f"explainer {registration.name!r} does not take {unknown}; it takes {', '.join(accepted) or 'no options'}"
+            f"{kind} {name!r} does not take {unknown}; it takes {', '.join(accepted) or 'no options'}"
         ) from None
 
 

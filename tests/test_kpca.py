@@ -12,8 +12,8 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from pytorch_grad_cam.utils.svd_on_activations import get_2d_projection_kernel
 
 from explainkit.errors import ExplainkitError
-from explainkit.explainers.eigen import EigenCAM
-from explainkit.explainers.kpca import KERNELS, KPCACAM, center_kernel, kernel_matrix, positive_dominant
+from explainkit.explainers.eigen import EigenCAM, positive_dominant
+from explainkit.explainers.kpca import KERNELS, KPCACAM, center_kernel, kernel_matrix
 from explainkit.targets import ClassScores
 from tests.conftest import correlation
 

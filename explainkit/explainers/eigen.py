@@ -8,7 +8,26 @@ import torch.nn as nn
 from explainkit.explainers.base import Computed, Explainer
 from explainkit.explainers.gradient import forward_with_activations
 from explainkit.models.layouts import Layout, resolve_layout
-from explainkit.targets import Target
+from explainkit.targets import BoundTarget, Target
+
+
+def positive_dominant(maps: torch.Tensor) -> torch.Tensor:
+    """Each ``(h, w)`` map flipped when its most negative value outweighs its most positive one:
+    a principal component's sign is arbitrary; this makes the salient side positive (Chung & Ying
+    2025, eq. 13; the same rule as scikit-learn's ``svd_flip``, which makes an eigenvector's
+    largest-magnitude entry positive)."""
+    flat = maps.flatten(-2)
+    flip = flat.amin(dim=-1).abs() > flat.amax(dim=-1).abs()
+    return torch.where(flip[..., None, None], -maps, maps)
+
+
+def repeat_for_columns(maps: torch.Tensor, bound: BoundTarget, model_output: object) -> Computed:
+    """A class-agnostic method's ``(N, h, w)`` maps as :class:`Computed` for any target: the same
+    map for every column when the target has ``J`` scores per image (``"all"``, top-k, boxes)."""
+    scores = bound(model_output).detach()
+    if scores.ndim == 2:
+        return Computed(maps[:, None].expand(-1, scores.shape[1], -1, -1), bound, scores)
+    return Computed(maps, bound, scores)
 
 
 class EigenCAM(Explainer):
@@ -45,11 +64,4 @@ class EigenCAM(Explainer):
         flat = flat - flat.mean(dim=1, keepdim=True)
         u, s, _ = torch.linalg.svd(flat, full_matrices=False)  # batched, on the device
         projection = (u[..., 0] * s[..., :1]).unflatten(1, activations.shape[-2:])  # X v_1 = sigma_1 u_1
-        extremes = projection.flatten(1)
-        flip = extremes.amin(dim=1).abs() > extremes.amax(dim=1).abs()
-        projection = torch.where(flip[:, None, None], -projection, projection)
-        bound = target.bind(model_output)
-        scores = bound(model_output).detach()
-        if scores.ndim == 2:  # "all", top-k, boxes...: class-agnostic, the same map for every column
-            return Computed(projection[:, None].expand(-1, scores.shape[1], -1, -1), bound, scores)
-        return Computed(projection, bound, scores)
+        return repeat_for_columns(positive_dominant(projection), target.bind(model_output), model_output)

@@ -8,8 +8,8 @@ import torch.nn as nn
 
 from explainkit.errors import ExplainkitError
 from explainkit.explainers.base import Computed, Explainer
+from explainkit.explainers.eigen import repeat_for_columns
 from explainkit.explainers.gradient import forward_with_activations
-from explainkit.explainers.kpca import repeat_for_columns
 from explainkit.models.layouts import Layout, resolve_layout
 from explainkit.targets import Target
 

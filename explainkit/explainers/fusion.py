@@ -22,7 +22,6 @@ fall back to one call of the method per layer.
 
 from __future__ import annotations
 
-import inspect
 import threading
 import warnings
 from contextlib import contextmanager
@@ -183,24 +182,6 @@ def _method_factory(method: Method) -> tuple[str, Callable[..., Explainer], Any]
     if isinstance(registered, type) and issubclass(registered, FusedCAM):
         raise ExplainkitError(f"method {name!r} is itself a fusion of layers; pick a single-layer method such as 'gradcam'")
     return name, factory, registered
-
-
-def _check_method_options(name: str, registered: Any, options: dict[str, Any]) -> None:
-    """An :class:`ExplainkitError` naming options the method does not take."""
-    if not options:
-        return
-    try:
-        signature = inspect.signature(registered)
-    except (TypeError, ValueError):
-        return
-    try:
-        signature.bind(None, layer=None, **options)
-    except TypeError:
-        accepted = [p for p in signature.parameters if p not in ("self", "model", "layer")]
-        unknown = ", ".join(sorted(set(options) - set(accepted)))
-        raise ExplainkitError(
-            f"method {name!r} does not take {unknown}; it takes {', '.join(accepted) or 'no options'}"
-        ) from None
 
 
 # --- one forward, every layer's gradient -------------------------------------------------------
@@ -405,7 +386,9 @@ class FusedCAM(Explainer):
         self.layer_name = ",".join(self.layer_names)
         self.layer = resolved[-1][1]  # the last listed (by default the deepest)
         self.method_name, factory, registered = _method_factory(method)
-        _check_method_options(self.method_name, registered, options)
+        from explainkit.registry import check_factory_options  # the registry imports explainers
+
+        check_factory_options(self.method_name, registered, options, kind="method")
         self.explainers = [factory(model, layer=module, **options) for _, module in resolved]
         self.joint = all(
             isinstance(e, GradientCAM) and type(e).compute is GradientCAM.compute and type(e) is type(self.explainers[0])

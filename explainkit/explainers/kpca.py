@@ -8,9 +8,10 @@ import torch.nn.functional as F
 
 from explainkit.errors import ExplainkitError
 from explainkit.explainers.base import Computed, Explainer
+from explainkit.explainers.eigen import positive_dominant, repeat_for_columns
 from explainkit.explainers.gradient import forward_with_activations
 from explainkit.models.layouts import Layout, resolve_layout
-from explainkit.targets import BoundTarget, Target
+from explainkit.targets import Target
 
 KERNELS = ("sigmoid", "rbf", "poly", "linear", "cosine")  # scikit-learn KernelPCA's
 
@@ -39,25 +40,6 @@ def center_kernel(matrix: torch.Tensor) -> torch.Tensor:
     rows = matrix.mean(dim=-1, keepdim=True)
     cols = matrix.mean(dim=-2, keepdim=True)
     return matrix - rows - cols + rows.mean(dim=-2, keepdim=True)
-
-
-def positive_dominant(maps: torch.Tensor) -> torch.Tensor:
-    """Each ``(h, w)`` map flipped when its most negative value outweighs its most positive one:
-    a principal component's sign is arbitrary; this makes the salient side positive (Chung & Ying
-    2025, eq. 13; the same rule as scikit-learn's ``svd_flip``, which makes an eigenvector's
-    largest-magnitude entry positive)."""
-    flat = maps.flatten(-2)
-    flip = flat.amin(dim=-1).abs() > flat.amax(dim=-1).abs()
-    return torch.where(flip[..., None, None], -maps, maps)
-
-
-def repeat_for_columns(maps: torch.Tensor, bound: BoundTarget, model_output: object) -> Computed:
-    """A class-agnostic method's ``(N, h, w)`` maps as :class:`Computed` for any target: the same
-    map for every column when the target has ``J`` scores per image (``"all"``, top-k, boxes)."""
-    scores = bound(model_output).detach()
-    if scores.ndim == 2:
-        return Computed(maps[:, None].expand(-1, scores.shape[1], -1, -1), bound, scores)
-    return Computed(maps, bound, scores)
 
 
 class KPCACAM(Explainer):
@@ -134,4 +116,4 @@ class KPCACAM(Explainer):
         return repeat_for_columns(projection, target.bind(model_output), model_output)
 
 
-__all__ = ["KERNELS", "KPCACAM", "center_kernel", "kernel_matrix", "positive_dominant", "repeat_for_columns"]
+__all__ = ["KERNELS", "KPCACAM", "center_kernel", "kernel_matrix"]
