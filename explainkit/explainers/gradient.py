@@ -187,9 +187,9 @@ def _batched_gradients(
         return activations.new_zeros(grad_outputs.shape[0], *activations.shape)
     if batched:
         try:
+            # The graph is kept even for the last chunk: if vmap fails part-way, the column
+            # fallback below still needs it.
             (gradients,) = torch.autograd.grad(
-                # The graph is kept even for the last chunk: if vmap fails part-way, the column
-                # fallback below still needs it.
                 scores, activations, grad_outputs, is_grads_batched=True, retain_graph=True, allow_unused=True
             )
             return activations.new_zeros(grad_outputs.shape[0], *activations.shape) if gradients is None else gradients
