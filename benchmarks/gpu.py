@@ -30,6 +30,10 @@ Steps (each timed, all numbers into ``OUT/results.json``, the GPU named in its `
    and the runs' reports (history, curves, confusion matrix, ...) in ``OUT/reports.tar.gz``;
 9. a ``torch.compile`` probe of training (skipped when ``--budget`` is spent).
 
+``--skip anchor|cams|parity|benchmarks|probe`` (repeatable) leaves steps out when the device
+tool's 10 minutes a command are tight: on an H200 the four ResNet runs take about 1 min each, the
+anchor and the CAM rows under 1 min together, the benchmark suite with its peers 2-3 min.
+
 A run is ``KEY:RECIPE:SEED[:FIELD=VALUE,...]``: any :class:`~explainkit.training.recipes.Recipe`
 field (``lr``, ``epochs``, ``ema_decay``, ``tta_flip``, ``label_smoothing``, ``cutout``,
 ``no_decay_bn_bias``, ``bn_bias_lr_mult``, ...) passes through, e.g.
@@ -74,6 +78,7 @@ RUNS = (
     "reference-s0:reference:0",  # lr=auto: our LR range test, as the course ran it
     "reference-lr1.91e-3-s0:reference:0:lr=1.91e-3",  # the course's LR range test's pick
 )
+SKIPPABLE = ("anchor", "cams", "parity", "benchmarks", "probe")
 DRY_RUN_CASES = "test_forward_floor or test_ours_all_classes or test_pytorch_grad_cam_single_target or test_captum_single_target"
 COURSE = {"reference_test_accuracy": 0.9126, "reference_train_accuracy": 0.9893}
 
@@ -393,24 +398,26 @@ def main(argv: list[str] | None = None) -> int:
         outs = {"default-s0": train_run(args, FIRST_RUN, splits, device, scratch, results)}
         package_model(args, outs["default-s0"] / "model.pt", results)
         package_reports(args, outs)
-        for step in (
-            lambda: anchor(args, splits, device, scratch, results),
-            lambda: cam_rows(outs["default-s0"] / "model.pt", splits, device, results, args.dry_run),
-            lambda: parity(outs["default-s0"] / "model.pt", splits, device, results),
+        for name, step in (
+            ("anchor", lambda: anchor(args, splits, device, scratch, results)),
+            ("cams", lambda: cam_rows(outs["default-s0"] / "model.pt", splits, device, results, args.dry_run)),
+            ("parity", lambda: parity(outs["default-s0"] / "model.pt", splits, device, results)),
         ):
-            step()
-            write_results(args.out, results)
+            if name not in args.skip:
+                step()
+                write_results(args.out, results)
         for spec in args.run or RUNS:
             outs[spec.split(":", 1)[0]] = train_run(args, spec, splits, device, scratch, results)
             package_reports(args, outs)
             results["summary"] = summarise(results)
             write_results(args.out, results)
-        benchmarks(args, decode.root, results)  # type: ignore[attr-defined]
-        write_results(args.out, results)
-        if time.perf_counter() - started < args.budget:
+        if "benchmarks" not in args.skip:
+            benchmarks(args, decode.root, results)  # type: ignore[attr-defined]
+            write_results(args.out, results)
+        if "probe" not in args.skip and time.perf_counter() - started < args.budget:
             compile_probe(args, splits, device, scratch, results)
         else:
-            results["compile_probe"] = "skipped: time budget spent"
+            results["compile_probe"] = "skipped: " + ("--skip probe" if "probe" in args.skip else "time budget spent")
     results["total_seconds"] = round(time.perf_counter() - started, 1)
     write_results(args.out, results)
     log(f"done in {results['total_seconds']} s; results in {args.out}")
@@ -433,6 +440,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="append",
         metavar="KEY:RECIPE:SEED[:FIELD=VALUE,...]",
         help=f"runs after {FIRST_RUN} (default: {', '.join(RUNS)})",
+    )
+    parser.add_argument(
+        "--skip",
+        action="append",
+        default=[],
+        choices=SKIPPABLE,
+        help="leave a step out (repeatable), to fit the device tool's 10 minutes a command",
     )
     parser.add_argument("--join", nargs=2, metavar=("PARTS_DIR", "DEST_DIR"), help="join a run's model parts and exit")
     args = parser.parse_args(argv)

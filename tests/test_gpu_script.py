@@ -12,7 +12,7 @@ import pytest
 import explainkit
 from benchmarks import wheels
 from benchmarks.airbench_anchor import PUBLISHED_ACCURACY, _parse_log
-from benchmarks.gpu import RUNS, parse_run, summarise
+from benchmarks.gpu import RUNS, parse_args, parse_run, summarise
 from tests.conftest import REPO
 
 CAM_STEPS = {"gradcam_captured", "all_classes_split", "peers_single_target", "scorecam", "new_methods"}
@@ -98,6 +98,16 @@ def test_a_run_is_key_recipe_seed_and_fields():
     ]
     with pytest.raises(SystemExit, match="KEY:RECIPE:SEED"):
         parse_run("default:zero")
+
+
+def test_steps_can_be_skipped_by_name_only(capsys):
+    args = parse_args(["--data-dir", "d", "--out", "o", "--skip", "benchmarks", "--skip", "probe"])
+    assert args.skip == ["benchmarks", "probe"] and args.run is None
+    with pytest.raises(SystemExit):
+        parse_args(["--data-dir", "d", "--out", "o", "--skip", "training"])
+    assert "invalid choice: 'training'" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="KEY:RECIPE:SEED"):
+        parse_args(["--data-dir", "d", "--out", "o", "--run", "default:0"])
 
 
 def test_summary_states_each_target_met_or_not():
