@@ -107,7 +107,9 @@ def run(args: argparse.Namespace) -> int:
         picks = evenly_spaced(dataset_size(dataset), args.limit)
         images = torch.stack([dataset[i][0] for i in picks]).to(device)
         baseline_layer = parse_layers(args.layer)[-1] if args.layer else None  # baselines: the deepest fused layer
-        results, curves = evaluation_run.evaluate_faithfulness(model, model_card(model), factories, images, baseline_layer, options)
+        results, curves = evaluation_run.evaluate_faithfulness(
+            model, model_card(model), factories, images, baseline_layer, options
+        )
         results["meta"] = {
             "model": source,
             "layer": layer_name,

@@ -26,7 +26,10 @@ def run(args: argparse.Namespace) -> int:
     registered = catalog()
     rows = [
         {"name": r.name, "family": r.family, "plugin": r.plugin, "distribution": " ".join(plugin_distribution(r.plugin)).strip()}
-        for r in sorted(registered.explainers.values(), key=lambda r: (FAMILIES.index(r.family) if r.family in FAMILIES else len(FAMILIES), r.name))
+        for r in sorted(
+            registered.explainers.values(),
+            key=lambda r: (FAMILIES.index(r.family) if r.family in FAMILIES else len(FAMILIES), r.name),
+        )
         if args.family is None or r.family == args.family
     ]
     clashes = [{"name": name, "plugins": plugins} for name, plugins in sorted(registered.clashes.items())]

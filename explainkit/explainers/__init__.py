@@ -29,6 +29,7 @@ from explainkit.explainers.gradient import (
     XGradCAM,
     layer_output_as_leaf,
 )
+from explainkit.explainers.graphs import CapturedCAM, capture
 from explainkit.explainers.guided import GuidedGradCAM
 from explainkit.explainers.kpca import KPCACAM
 from explainkit.explainers.legrad import LeGrad
@@ -42,6 +43,7 @@ __all__ = [
     "TOPK",
     "AblationCAM",
     "AttentionRollout",
+    "CapturedCAM",
     "CheferRelevance",
     "EigenCAM",
     "FEM",
@@ -58,6 +60,7 @@ __all__ = [
     "LayerPass",
     "PerturbationCAM",
     "ScoreCAM",
+    "capture",
     "class_sets",
     "Explainer",
     "ExplainerFn",

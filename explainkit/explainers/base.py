@@ -210,6 +210,12 @@ class Explainer(ABC):
         images = as_model_dtype(images, self.model)
         if images.is_inference():  # e.g. a batch prepared under inference_mode
             images = images.clone()
+        return self.explain_checked(images, targets, normalize)
+
+    def explain_checked(self, images: torch.Tensor, targets: Targets = None, normalize: bool = True) -> Explanation:
+        """:meth:`explain` for ``images`` already checked and cast (what a captured CUDA graph
+        replays, :mod:`explainkit.explainers.graphs`): compute in eval mode, zero padding
+        columns, post-process."""
         with evaluation_mode(self.model):
             computed = _as_computed(self.compute(images, as_target(targets)), self.name)
         bound, raw = computed.target, computed.raw

@@ -30,13 +30,10 @@ from explainkit.errors import ExplainkitError
 from explainkit.explainers.base import (
     Explainer,
     Explanation,
-    _as_computed,
     as_model_dtype,
     check_images,
-    postprocess,
 )
-from explainkit.models.modes import evaluation_mode
-from explainkit.targets import ALL, ClassScores, Targets, as_target, bound_classes, parse_topk
+from explainkit.targets import ALL, ClassScores, Targets, bound_classes, parse_topk
 
 #: ``auto``: a CUDA graph on CUDA, the plain call elsewhere; ``cuda-graph``: the same, by name;
 #: ``compile``: ``torch.compile(mode="reduce-overhead")`` of the call on CUDA (its CUDA graphs,
@@ -199,16 +196,12 @@ class CapturedCAM:
             self._signature = signature
 
     def _run(self, images: torch.Tensor, targets: Targets, normalize: bool) -> tuple:
-        """The explainer's call after its checks: what :meth:`Explainer.explain` does, as tensors."""
-        explainer = self.explainer
-        with evaluation_mode(explainer.model):
-            computed = _as_computed(explainer.compute(images, as_target(targets)), explainer.name)
-        bound, raw = computed.target, computed.raw
-        if bound.valid is not None and raw.ndim == 4:
-            raw = raw * bound.valid[:, : raw.shape[1], None, None].to(raw.dtype)
-        maps = postprocess(raw, (images.shape[-2], images.shape[-1]), normalize)
+        """The explainer's call after its checks (:meth:`Explainer.explain_checked`), as tensors."""
+        explanation = self.explainer.explain_checked(images, targets, normalize)
+        bound = explanation.target
+        assert bound is not None and explanation.scores is not None
         classes = bound.classes if bound.classes is not None else ALL
-        return maps, bound.logits, classes, computed.scores.detach()
+        return explanation.maps, bound.logits, classes, explanation.scores
 
     def _capture(self, method: str, images: torch.Tensor, targets: Targets, normalize: bool) -> _Entry:
         static = torch.empty_strided(images.shape, images.stride(), dtype=images.dtype, device=images.device)
