@@ -209,7 +209,7 @@ def test_bad_options_are_one_line_errors():
         AttentionRollout(model, head_fusion="median")
     with pytest.raises(ExplainkitError, match=r"discard_ratio is a fraction in \[0, 1\)"):
         AttentionRollout(model, discard_ratio=1.0)
-    with pytest.raises(ExplainkitError, match="class_chunk must be at least 1"):
+    with pytest.raises(ExplainkitError, match="class_chunk must be a positive integer"):
         CheferRelevance(model, class_chunk=0)
 
 

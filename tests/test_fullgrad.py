@@ -199,3 +199,18 @@ def test_works_under_no_grad_on_a_frozen_model(random_model, images):
         maps = FullGrad(model)(images, ClassScores(3))
         assert not torch.is_grad_enabled()
     torch.testing.assert_close(maps, FullGrad(random_model)(images, 3))
+
+
+def test_ops_without_a_batching_rule_fall_back_column_by_column(random_model, images):
+    # A gradient hook that detaches (as pytorch-grad-cam's leftover hooks do) has no vmap rule: the
+    # batched backward fails part-way and the columns run one by one on the graph it kept.
+    def spy(module, inputs, output):
+        output.register_hook(lambda grad: (grad.detach(), None)[1])
+
+    handle = random_model.layer3.register_forward_hook(spy)
+    try:
+        with pytest.warns(RuntimeWarning, match="one by one"):
+            looped = FullGrad(random_model)(images, "all", normalize=False)
+    finally:
+        handle.remove()
+    torch.testing.assert_close(looped, FullGrad(random_model)(images, "all", normalize=False), rtol=1e-5, atol=1e-6)

@@ -441,3 +441,8 @@ def test_fusedcam_through_the_registry_entry(random_model, images, fresh_plugins
     fresh_plugins.register(Plugin(), name="fused-test-plugin")
     cam = explainkit.get_explainer("fused-test", random_model, layer="layer2,layer3,layer4", method="gradcam", rule="poly")
     torch.testing.assert_close(cam(images), PolyCAM(random_model, layers=LAYERS)(images))
+
+
+def test_a_method_that_ignores_the_layer_cannot_be_fused(random_model):
+    with pytest.raises(ExplainkitError, match="'fullgrad' does not read one layer"):
+        FusedCAM(random_model, layers=["layer3", "layer4"], method="fullgrad")

@@ -14,7 +14,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from explainkit.errors import ExplainkitError
-from explainkit.explainers.opticam import OptiCAM, min_max
+from explainkit.explainers.base import normalize_maps
+from explainkit.explainers.opticam import OptiCAM
 from explainkit.targets import ClassScores
 from tests.conftest import correlation
 
@@ -151,7 +152,7 @@ def positive_images():
 
 def masked_scores(model, images, raw, classes):
     """The logits of ``classes`` for the images masked by the min-max scaled, upsampled maps."""
-    masks = min_max(F.interpolate(raw[:, None], size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0])
+    masks = normalize_maps(F.interpolate(raw[:, None], size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0])
     with torch.no_grad():
         return model(images * masks[:, None]).gather(1, classes[:, None])[:, 0]
 

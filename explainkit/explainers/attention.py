@@ -218,8 +218,8 @@ class CheferRelevance(AttentionExplainer):
 
     def __init__(self, model: nn.Module, layer: str | nn.Module | None = None, *, class_chunk: int = 64) -> None:
         super().__init__(model, layer)
-        if class_chunk < 1:
-            raise ExplainkitError(f"class_chunk must be at least 1, got {class_chunk}")
+        if not isinstance(class_chunk, int) or isinstance(class_chunk, bool) or class_chunk < 1:
+            raise ExplainkitError(f"class_chunk must be a positive integer, got {class_chunk!r}")
         self.class_chunk = class_chunk
 
     def compute(self, images: torch.Tensor, target: Target) -> Computed:
@@ -290,7 +290,13 @@ def _gradients(
     if batched and rows > 1:
         try:
             found = torch.autograd.grad(
-                scores, list(inputs), grad_outputs, is_grads_batched=True, retain_graph=retain_graph, allow_unused=True
+                # retain_graph=True: if vmap fails part-way, the column fallback below needs the graph
+                scores,
+                list(inputs),
+                grad_outputs,
+                is_grads_batched=True,
+                retain_graph=True,
+                allow_unused=True,
             )
             return [x.new_zeros(rows, *x.shape) if g is None else g for x, g in zip(inputs, found)]
         except RuntimeError as exc:  # an op without a batching rule

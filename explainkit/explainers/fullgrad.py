@@ -214,7 +214,13 @@ def gradients_of(
     elif vmap:
         try:
             found = torch.autograd.grad(
-                scores, wanted, grad_outputs, retain_graph=retain_graph, allow_unused=True, is_grads_batched=True
+                # retain_graph=True: if vmap fails part-way, the column fallback below needs the graph
+                scores,
+                wanted,
+                grad_outputs,
+                retain_graph=True,
+                allow_unused=True,
+                is_grads_batched=True,
             )
         except RuntimeError as exc:  # an op without a batching rule
             warnings.warn(f"batched gradients unavailable ({exc}); computing columns one by one", RuntimeWarning, stacklevel=3)

@@ -390,6 +390,10 @@ class FusedCAM(Explainer):
 
         check_factory_options(self.method_name, registered, options, kind="method")
         self.explainers = [factory(model, layer=module, **options) for _, module in resolved]
+        if any(explainer.layer is None for explainer in self.explainers):
+            raise ExplainkitError(
+                f"method {self.method_name!r} does not read one layer (it ignores layer), so there is nothing to fuse across layers"
+            )
         self.joint = all(
             isinstance(e, GradientCAM) and type(e).compute is GradientCAM.compute and type(e) is type(self.explainers[0])
             for e in self.explainers

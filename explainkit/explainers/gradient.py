@@ -120,8 +120,8 @@ class GradientCAM(Explainer):
         class_chunk: int = 64,
     ):
         super().__init__(model, layer)
-        if class_chunk < 1:
-            raise ExplainkitError(f"class_chunk must be at least 1, got {class_chunk}")
+        if not isinstance(class_chunk, int) or isinstance(class_chunk, bool) or class_chunk < 1:
+            raise ExplainkitError(f"class_chunk must be a positive integer, got {class_chunk!r}")
         self.autocast = autocast
         self.layout = layout
         self.class_chunk = class_chunk

@@ -92,7 +92,9 @@ class CapturedCAM:
             memory pool, about one eager call's peak.
 
     Calls take the explainer's arguments (``images``, ``targets``, ``normalize``) and return the
-    same maps; :meth:`explain` the same :class:`~explainkit.explainers.base.Explanation`.
+    same maps; :meth:`explain` the same :class:`~explainkit.explainers.base.Explanation`, except
+    that a replay's ``target`` is the plain class target of the classes explained (its ``scores``
+    are the explainer's own: Finer-CAM's class differences, ShapleyCAM's ReST scores).
     Returned tensors are copies (the next replay overwrites the graph's own outputs). The graph
     reads the model's parameters and buffers where they lie: in-place updates (an optimizer step,
     ``load_state_dict``) are seen; parameters moved or replaced (``model.to(...)``) drop every

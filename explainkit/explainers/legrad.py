@@ -89,12 +89,12 @@ class LeGrad(Explainer):
     ) -> None:
         if pooling not in POOLINGS:
             raise ExplainkitError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
-        if class_chunk < 1:
-            raise ExplainkitError(f"class_chunk must be at least 1, got {class_chunk}")
+        if not isinstance(class_chunk, int) or isinstance(class_chunk, bool) or class_chunk < 1:
+            raise ExplainkitError(f"class_chunk must be a positive integer, got {class_chunk!r}")
         self.model = model
         self.layer_name, self.layer = "attention blocks", None  # type: ignore[assignment]
         blocks = attention_blocks(model, "legrad")  # ExplainkitError for a model without attention blocks
-        if not -len(blocks) <= start_block < len(blocks):
+        if not isinstance(start_block, int) or isinstance(start_block, bool) or not -len(blocks) <= start_block < len(blocks):
             raise ExplainkitError(
                 f"start_block must lie in [{-len(blocks)}, {len(blocks) - 1}] for {len(blocks)} blocks, got {start_block}"
             )
@@ -224,7 +224,13 @@ def _batched_relevance(
     if batched:
         try:
             gradients = torch.autograd.grad(
-                scores, probabilities, rows, is_grads_batched=True, retain_graph=retain_graph, allow_unused=True
+                # retain_graph=True: if vmap fails part-way, the column fallback below needs the graph
+                scores,
+                probabilities,
+                rows,
+                is_grads_batched=True,
+                retain_graph=True,
+                allow_unused=True,
             )
             return _reduce(gradients, probabilities, lead)
         except RuntimeError as exc:  # an op without a batching rule
