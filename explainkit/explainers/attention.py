@@ -36,6 +36,7 @@ class AttentionExplainer(Explainer):
 
     name = "attention"
     family = "attention"
+    reads_layer = False
 
     def __init__(self, model: nn.Module, layer: str | nn.Module | None = None) -> None:
         self.model = model

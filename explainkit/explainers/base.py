@@ -196,6 +196,9 @@ class Explainer(ABC):
     #: what the method reads, for ``explainkit methods``: "gradient", "perturbation",
     #: "class-agnostic", "attention", "fusion" (several layers), or "other".
     family = "other"
+    #: whether the maps come from the ``layer`` given (False: the method reads the whole model,
+    #: e.g. FullGrad or the attention methods, and ignores ``layer``; fusion refuses it).
+    reads_layer = True
 
     def __init__(self, model: nn.Module, layer: str | nn.Module | None = None) -> None:
         self.model = model

@@ -154,6 +154,7 @@ class FullGrad(Explainer):
 
     name = "fullgrad"
     family = "gradient"
+    reads_layer = False
 
     def __init__(self, model: nn.Module, layer: str | nn.Module | None = None, *, class_chunk: int = 16) -> None:
         if not isinstance(class_chunk, int) or isinstance(class_chunk, bool) or class_chunk < 1:

@@ -390,7 +390,7 @@ class FusedCAM(Explainer):
 
         check_factory_options(self.method_name, registered, options, kind="method")
         self.explainers = [factory(model, layer=module, **options) for _, module in resolved]
-        if any(explainer.layer is None for explainer in self.explainers):
+        if not all(getattr(explainer, "reads_layer", True) for explainer in self.explainers):
             raise ExplainkitError(
                 f"method {self.method_name!r} does not read one layer (it ignores layer), so there is nothing to fuse across layers"
             )

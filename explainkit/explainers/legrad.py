@@ -77,6 +77,7 @@ class LeGrad(Explainer):
 
     name = "legrad"
     family = "attention"
+    reads_layer = False
 
     def __init__(
         self,
